@@ -1,0 +1,109 @@
+"""The model configuration: one typed dataclass, built from a checkpoint's config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from para.errors import CheckpointError
+
+SUPPORTED_ARCHITECTURES = ("llama", "gemma")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "gelu")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"                 # "llama" or "gemma": selects the few Gemma-specific lines
+    vocab_size: int = 32000
+    hidden_size: int = 4096             # d_model, the width of the residual stream
+    intermediate_size: int = 11008      # d_ffn, the width of the gated MLP
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None     # < num_heads: grouped-query attention; 1: multi-query
+    head_dim: int | None = None         # Gemma's 256 is not hidden_size / num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # {"rope_type": "linear" | "llama3", "factor": ..., ...}
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False   # the output projection reuses the input embedding
+    attention_bias: bool = False        # biases on q/k/v/o projections
+    mlp_bias: bool = False              # biases on gate/up/down projections
+    hidden_act: str = "silu"            # the gate's activation: SwiGLU (silu) or GeGLU (gelu)
+    torch_dtype: str = "float32"        # the checkpoint's own dtype
+    # derived in __post_init__
+    q_width: int = field(init=False)    # num_heads * head_dim: width of Q
+    kv_width: int = field(init=False)   # num_kv_heads * head_dim: width of K and V
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        self.q_width = self.num_heads * self.head_dim
+        self.kv_width = self.num_kv_heads * self.head_dim
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(f"num_attention_heads {self.num_heads} is not a multiple of "
+                                  f"num_key_value_heads {self.num_kv_heads}")
+
+    @property
+    def is_gemma(self) -> bool:
+        return self.arch == "gemma"
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> ModelConfig:
+        """Read a Hugging Face config.json dict; unsupported settings are errors, not surprises."""
+        arch = hf.get("model_type")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(f"{source}: model_type {arch!r} is not supported "
+                                  f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        try:
+            if arch == "gemma":
+                # Hugging Face runs Gemma with tanh-approximate GELU whatever `hidden_act` says.
+                act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+            else:
+                act = hf.get("hidden_act", "silu")
+            config = cls(
+                arch=arch,
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=hf["num_attention_heads"],
+                num_kv_heads=hf.get("num_key_value_heads"),
+                head_dim=hf.get("head_dim"),
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6 if arch == "gemma" else 1e-5),
+                rope_theta=hf.get("rope_theta", 10000.0),
+                rope_scaling=hf.get("rope_scaling"),
+                max_position_embeddings=hf.get("max_position_embeddings", 4096),
+                tie_word_embeddings=hf.get("tie_word_embeddings", arch == "gemma"),
+                attention_bias=hf.get("attention_bias", False),
+                mlp_bias=hf.get("mlp_bias", False),
+                hidden_act=act,
+                torch_dtype=hf.get("torch_dtype") or hf.get("dtype") or "float32",
+            )
+        except KeyError as missing:
+            raise CheckpointError(f"{source}: missing required field {missing}") from None
+        if act not in ACTIVATIONS:
+            raise CheckpointError(f"{source}: activation {act!r} is not supported "
+                                  f"(supported: {', '.join(ACTIVATIONS)})")
+        rope_type = rope_scaling_type(config.rope_scaling)
+        if rope_type not in ("default", "linear", "llama3"):
+            raise CheckpointError(f"{source}: rope_scaling type {rope_type!r} is not supported "
+                                  "(supported: linear, llama3)")
+        return config
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelConfig:
+        try:
+            return cls.from_hf(json.loads(path.read_text()), str(path))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: not found; a checkpoint folder needs config.json") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e}); restore the file") from None
+
+
+def rope_scaling_type(rope_scaling: dict | None) -> str:
+    if not rope_scaling:
+        return "default"
+    return rope_scaling.get("rope_type", rope_scaling.get("type", "default"))

@@ -1,0 +1,259 @@
+"""A LLaMA / Gemma decoder, written to be read top to bottom.
+
+Architecture choices (Hugging Face `LlamaForCausalLM` / `GemmaForCausalLM` semantics):
+- pre-norm residual blocks: x + attn(norm(x)), then x + mlp(norm(x));
+- RMSNorm computed in float32; LLaMA scales by `w`, Gemma by `1 + w`;
+- rotary position embeddings in the rotate-half layout (so HF q/k weights load unchanged),
+  with optional `linear` or `llama3` frequency scaling;
+- grouped-query attention: every group of num_heads / num_kv_heads query heads shares one
+  key/value head (1 kv head is multi-query attention);
+- gated MLP: down(act(gate(x)) * up(x)), SwiGLU for LLaMA, tanh-GELU (GeGLU) for Gemma;
+- Gemma multiplies embeddings by sqrt(hidden_size) and ties the output projection to them.
+The KV cache is an explicit object with preallocated buffers; without one, `forward` is the
+plain full-sequence path that the tests compare the cached path against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from para.config import ModelConfig, rope_scaling_type
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, gemma: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.gemma = gemma
+        # Gemma stores w with the "1 +" taken out, so a fresh Gemma norm has w = 0.
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:  # Gemma: the whole product in float32, then cast
+            return (normed * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * normed.type_as(x)  # LLaMA: cast first, then scale
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """One rotation frequency per pair of channels, with the checkpoint's rope_scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind, scaling = rope_scaling_type(config.rope_scaling), config.rope_scaling
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: slow down the low frequencies (long wavelengths) by `factor`, keep the
+        # high ones, and interpolate smoothly in between.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config).to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for each position, shaped (B, 1, T, head_dim) to broadcast over heads."""
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, head_dim / 2), in float32
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]   # (B, 1, T, head_dim)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated up to `max_len` positions.
+
+    Sequences are left-padded to a common length, so all of them write the same slot at each
+    step; `valid` marks which slots hold real tokens and `lengths` counts them, which is each
+    sequence's next rotary position.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
+        self.lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self.pos = 0                # slots filled so far, the same for every sequence
+        self.has_padding = False    # any invalid slot so far: then attention needs a mask
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, kv_heads, T, head_dim); return all keys and values so far."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the sequences at `index` (beam search): rows are gathered, never recomputed."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.valid = self.valid.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer  # which slice of the KV cache is ours
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.q_width, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.kv_width, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.kv_width, bias=bias)
+        self.o_proj = nn.Linear(config.q_width, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, H_kv, L, D): everything so far
+        # No mask means plain causal attention (a prefill from slot 0, or one token seeing all).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                             enable_gqa=True)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.is_gemma)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.is_gemma)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.is_gemma)
+        # Tied models have no output matrix of their own: logits use the embedding.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_len, self.device, self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for input_ids (B, T), or (B, 1, vocab) with `last_only`.
+
+        attention_mask (B, T) marks real tokens (False on left padding). With a cache, the
+        tokens continue the cached sequences and are appended to the cache.
+        """
+        positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
+        x = self.embed(input_ids)  # (B, T, d_model)
+        if self.config.is_gemma:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)  # in the activation dtype
+        rope = self.rope(positions, x.dtype)
+        for block in self.layers:
+            x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.pos += input_ids.shape[1]
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        return F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+
+    def _positions_and_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                            cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rotary positions (B, T) and the boolean attention mask (B, 1, T, L), or None when
+        plain causal attention over everything is right."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+            padded = False
+        else:
+            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+            padded = not bool(attention_mask.all())
+        # Each sequence counts positions from its own first real token.
+        steps = attention_mask.long().cumsum(1) - 1
+        start, valid = 0, attention_mask
+        if cache is not None:
+            start = cache.pos
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
+            steps = steps + cache.lengths[:, None]
+            cache.valid[:, start:start + T] = attention_mask
+            cache.lengths += attention_mask.sum(1)
+            cache.has_padding |= padded
+            padded = cache.has_padding
+            valid = cache.valid[:, :start + T]
+        positions = steps.clamp(min=0)
+        if not padded and (T == 1 or start == 0):
+            return positions, None  # causal over all keys: SDPA's own is_causal (or no mask at all)
+        query = torch.arange(start, start + T, device=device)[:, None]   # (T, 1)
+        key = torch.arange(start + T, device=device)[None, :]            # (1, L)
+        causal = key <= query                                             # (T, L)
+        # A padding query attends to itself only, so its softmax row is never empty.
+        mask = (causal & valid[:, None, :]) | (key == query)             # (B, T, L)
+        return positions, mask[:, None]                                   # (B, 1, T, L)

@@ -1,0 +1,76 @@
+"""Tiny random checkpoints in Hugging Face layout, written by the tests themselves."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+TINY_LLAMA = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
+                  tie_word_embeddings=False, hidden_act="silu", torch_dtype="float32")
+# Gemma's quirks at tiny size: head_dim that is not hidden/heads, multi-query attention,
+# tied embeddings, (1 + w) norms, GeGLU.
+TINY_GEMMA = dict(model_type="gemma", vocab_size=96, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                  rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128,
+                  hidden_act="gelu", hidden_activation="gelu_pytorch_tanh", torch_dtype="float32")
+
+
+def hf_config(base: dict, **changes) -> dict:
+    return {**base, **changes}
+
+
+def random_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with every HF tensor the config implies; norms are not all ones, so
+    getting `w` vs `1 + w` wrong shows."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, ffn, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    gemma = cfg["model_type"] == "gemma"
+
+    def rand(*shape, scale=0.1):
+        return torch.randn(*shape, generator=g) * scale
+
+    def norm():
+        return rand(hidden, scale=0.2) + (0.0 if gemma else 1.0)
+
+    w = {"model.embed_tokens.weight": rand(vocab, hidden, scale=0.5), "model.norm.weight": norm()}
+    if not cfg.get("tie_word_embeddings", gemma):
+        w["lm_head.weight"] = rand(vocab, hidden)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = norm()
+        w[p + "post_attention_layernorm.weight"] = norm()
+        shapes = {"q": (heads * head_dim, hidden), "k": (kv_heads * head_dim, hidden),
+                  "v": (kv_heads * head_dim, hidden), "o": (hidden, heads * head_dim)}
+        for name, shape in shapes.items():
+            w[p + f"self_attn.{name}_proj.weight"] = rand(*shape, scale=shape[1] ** -0.5)
+            if cfg.get("attention_bias"):
+                w[p + f"self_attn.{name}_proj.bias"] = rand(shape[0])
+        for name, shape in {"gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}.items():
+            w[p + f"mlp.{name}_proj.weight"] = rand(*shape, scale=shape[1] ** -0.5)
+    return w
+
+
+def write_checkpoint(folder: Path, cfg: dict, weights: dict[str, torch.Tensor] | None = None,
+                     shards: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Write config.json and model.safetensors (or `shards` shards with an index)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = random_weights(cfg, seed) if weights is None else weights
+    (folder / "config.json").write_text(json.dumps(cfg))
+    if shards == 1:
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        return weights
+    names = list(weights)
+    weight_map = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: weights[n] for n in names[s::shards]}
+        save_file(part, folder / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weights

@@ -1,0 +1,113 @@
+"""An independent reference forward pass, written from the Hugging Face modeling code's
+semantics (LlamaForCausalLM, GemmaForCausalLM) and reading the Hugging Face tensor names
+directly: eager attention with an additive mask and float32 softmax, `repeat_kv` for grouped
+heads, rotate-half RoPE. It shares no code with `para`, so agreeing with it is evidence."""
+
+import math
+
+import torch
+
+
+def hf_rope_inv_freq(cfg: dict) -> torch.Tensor:
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    base = cfg.get("rope_theta", 10000.0)
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":  # _compute_llama3_parameters
+        factor = scaling["factor"]
+        low_freq_factor, high_freq_factor = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context_len = scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, inv_freq_llama)
+    return inv_freq
+
+
+def reference_logits(cfg: dict, weights: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, T, V). attention_mask (B, T) with 0 on padding, as HF's generate uses it
+    (position_ids = cumsum(mask) - 1, masked_fill(mask == 0, 1))."""
+    gemma = cfg["model_type"] == "gemma"
+    w = weights
+    n_heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    n_kv = cfg.get("num_key_value_heads") or n_heads
+    head_dim = cfg.get("head_dim") or hidden // n_heads
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long)
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids = position_ids.masked_fill(attention_mask == 0, 1)
+
+    def rms_norm(x, weight):
+        dtype = x.dtype
+        if gemma:
+            out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            return (out * (1.0 + weight.float())).type_as(x)
+        x = x.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + eps)
+        return weight * x.to(dtype)
+
+    def linear(x, name):
+        out = x @ w[name + ".weight"].T
+        if name + ".bias" in w:
+            out = out + w[name + ".bias"]
+        return out
+
+    def rotate_half(x):
+        x1 = x[..., : x.shape[-1] // 2]
+        x2 = x[..., x.shape[-1] // 2:]
+        return torch.cat((-x2, x1), dim=-1)
+
+    if gemma or cfg.get("hidden_activation"):
+        act_name = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
+    else:
+        act_name = cfg.get("hidden_act", "silu")
+    act = {"silu": torch.nn.functional.silu,
+           "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+           "gelu": torch.nn.functional.gelu}[act_name]
+
+    h = w["model.embed_tokens.weight"][input_ids]
+    if gemma:
+        h = h * torch.tensor(hidden ** 0.5, dtype=h.dtype)
+    inv_freq = hf_rope_inv_freq(cfg)
+    freqs = (inv_freq[None, :, None].float() @ position_ids[:, None, :].float()).transpose(1, 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(h.dtype)[:, None], emb.sin().to(h.dtype)[:, None]
+
+    min_value = torch.finfo(h.dtype).min
+    causal = torch.full((T, T), min_value).triu(1)
+    mask = causal[None, None].repeat(B, 1, 1, 1)
+    mask = mask.masked_fill(attention_mask[:, None, None, :] == 0, min_value)
+
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        residual = h
+        x = rms_norm(h, w[p + "input_layernorm.weight"])
+        q = linear(x, p + "self_attn.q_proj").view(B, T, n_heads, head_dim).transpose(1, 2)
+        k = linear(x, p + "self_attn.k_proj").view(B, T, n_kv, head_dim).transpose(1, 2)
+        v = linear(x, p + "self_attn.v_proj").view(B, T, n_kv, head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k = k[:, :, None].expand(B, n_kv, n_heads // n_kv, T, head_dim).reshape(B, n_heads, T, head_dim)
+        v = v[:, :, None].expand(B, n_kv, n_heads // n_kv, T, head_dim).reshape(B, n_heads, T, head_dim)
+        scores = q @ k.transpose(2, 3) * head_dim ** -0.5 + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = (probs @ v).transpose(1, 2).reshape(B, T, n_heads * head_dim)
+        h = residual + linear(out, p + "self_attn.o_proj")
+        residual = h
+        x = rms_norm(h, w[p + "post_attention_layernorm.weight"])
+        h = residual + linear(act(linear(x, p + "mlp.gate_proj")) * linear(x, p + "mlp.up_proj"), p + "mlp.down_proj")
+    h = rms_norm(h, w["model.norm.weight"])
+    tied = cfg.get("tie_word_embeddings", gemma)
+    head = w["model.embed_tokens.weight"] if tied else w["lm_head.weight"]
+    return h @ head.T
