@@ -1,0 +1,24 @@
+"""para: a minimal LLaMA / Gemma decoder and the PARA fine-tuning method, in plain PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from para.config import ModelConfig
+from para.errors import CheckpointError, UserError
+from para.generation import Sampling, beam_search, generate
+from para.loading import load_model
+from para.model import KVCache, Transformer
+
+
+def load(path: str | Path, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None):
+    """Load a Hugging Face checkpoint folder: returns (model, tokenizer)."""
+    from tokenizer import Tokenizer  # the top-level tokenizer package, beside para/
+    return load_model(path, device, dtype), Tokenizer.from_dir(path)
+
+
+__all__ = ["load", "load_model", "ModelConfig", "Transformer", "KVCache", "Sampling", "generate",
+           "beam_search", "CheckpointError", "UserError"]
