@@ -21,7 +21,7 @@ demo: weights  ## answer a question with the default model
 	$(PY) generate.py --chat --max-new-tokens 64 --prompt "What is the capital of France?"
 
 test: install  ## run the offline test suite
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 bench: weights  ## prefill/decode speed of the default model on this machine
 	$(PY) bench/bench_decode.py

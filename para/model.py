@@ -202,6 +202,12 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch_size, max_len, self.device, self.dtype)
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if self.config.is_gemma:  # Gemma scales by sqrt(d_model), rounded to the activation dtype
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        return x
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T), or (B, 1, vocab) with `last_only`.
@@ -210,9 +216,7 @@ class Transformer(nn.Module):
         tokens continue the cached sequences and are appended to the cache.
         """
         positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
-        x = self.embed(input_ids)  # (B, T, d_model)
-        if self.config.is_gemma:
-            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)  # in the activation dtype
+        x = self.embed_tokens(input_ids)  # (B, T, d_model)
         rope = self.rope(positions, x.dtype)
         for block in self.layers:
             x = block(x, rope, mask, cache)
