@@ -38,7 +38,9 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     def norm():
         return rand(hidden, scale=0.2) + (0.0 if gemma else 1.0)
 
-    w = {"model.embed_tokens.weight": rand(vocab, hidden, scale=0.5), "model.norm.weight": norm()}
+    # Gemma multiplies embeddings by sqrt(hidden): keep its residual stream at a similar scale.
+    embed_scale = 0.5 / hidden ** 0.5 if gemma else 0.5
+    w = {"model.embed_tokens.weight": rand(vocab, hidden, scale=embed_scale), "model.norm.weight": norm()}
     if not cfg.get("tie_word_embeddings", gemma):
         w["lm_head.weight"] = rand(vocab, hidden)
     for i in range(cfg["num_hidden_layers"]):

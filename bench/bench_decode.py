@@ -1,0 +1,78 @@
+"""Prefill and decode speed of a checkpoint, in the paper's setting (274-token prompt, 32 new
+tokens), at batch 1 and 8, greedy and 3 beams, with decode speed as a fraction of the
+memory-bandwidth bound (every weight byte is read once per decoding step).
+
+    python bench/bench_decode.py [--model DIR] [--device cpu|cuda] [--dtype ...] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import para  # noqa: E402
+from para.cli import add_model_args, model_dir, run_cli  # noqa: E402
+from para.generation import beam_search, generate  # noqa: E402
+
+PROMPT_TOKENS, NEW_TOKENS = 274, 32
+TEXT = ("The history of the printing press begins in the fifteenth century, when movable metal type made "
+        "books cheap enough for ordinary readers. Within fifty years presses spread across Europe, and "
+        "the number of printed books grew from thousands to millions. ")
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:
+    """Bytes per second that a large copy moves (read + write), the machine's practical ceiling."""
+    src = torch.empty(megabytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--runs", type=int, default=3, help="repetitions; the median is reported")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    args = parser.parse_args()
+    model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
+    ids = tokenizer.encode(TEXT * 20, add_special_tokens=False)[:PROMPT_TOKENS]
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(model.device)
+    print(f"device {model.device}, dtype {model.dtype}, threads {torch.get_num_threads()}, "
+          f"weights {weight_bytes / 1e6:.0f} MB, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"prompt {len(ids)} tokens, {NEW_TOKENS} new tokens, median of {args.runs} runs")
+    print(f"{'batch':>5} {'beams':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'of bound':>9}")
+    for batch in args.batch_sizes:
+        for beams in (1, 3):
+            prefill_rates, decode_rates = [], []
+            for _ in range(args.runs + 1):  # the first run warms up
+                if beams == 1:
+                    result = generate(model, [ids] * batch, NEW_TOKENS, eos_ids=[])
+                else:
+                    result = beam_search(model, [ids] * batch, NEW_TOKENS, eos_ids=[], num_beams=beams)
+                prefill_rates.append(result.prompt_tokens / result.prefill_seconds)
+                decode_rates.append(batch * result.decode_steps / result.decode_seconds)
+            prefill_rate = statistics.median(prefill_rates[1:])
+            decode_rate = statistics.median(decode_rates[1:])
+            # Each step reads every weight once and yields one token per prompt: at best it
+            # moves bytes as fast as a large copy does (counting the copy's reads and writes).
+            bound = batch * bandwidth / weight_bytes
+            print(f"{batch:>5} {beams:>5} {prefill_rate:>14.1f} {decode_rate:>13.1f} {decode_rate / bound:>8.0%}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
