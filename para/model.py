@@ -9,6 +9,10 @@ Architecture choices (Hugging Face `LlamaForCausalLM` / `GemmaForCausalLM` seman
   key/value head (1 kv head is multi-query attention);
 - gated MLP: down(act(gate(x)) * up(x)), SwiGLU for LLaMA, tanh-GELU (GeGLU) for Gemma;
 - Gemma multiplies embeddings by sqrt(hidden_size) and ties the output projection to them.
+PARA (Prompt Aware Representation Adjustment): a block may own a VectorGenerator that turns
+the hidden state of the prompt's last token into vectors l_q, l_v, l_u, which scale the
+outputs of the Q, V and Up projections. They are computed once, at prefill, and kept in the
+KV cache; decoding steps only multiply.
 The KV cache is an explicit object with preallocated buffers; without one, `forward` is the
 plain full-sequence path that the tests compare the cached path against.
 """
@@ -20,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from para.config import ModelConfig, rope_scaling_type
 
@@ -98,6 +103,7 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
         self.pos = 0                # slots filled so far, the same for every sequence
+        self.vectors: list[torch.Tensor | None] = [None] * config.num_layers  # PARA, per layer (B, 1, width)
         self.has_padding = False    # any invalid slot so far: then attention needs a mask
 
     @property
@@ -117,6 +123,32 @@ class KVCache:
         self.v = self.v.index_select(1, index)
         self.valid = self.valid.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
+        self.vectors = [None if v is None else v.index_select(0, index) for v in self.vectors]
+
+
+class VectorGenerator(nn.Module):
+    """PARA's generator: l = gelu(p @ W_down) @ W_up + b_up, from the pooled prompt state p,
+    split into l_q, l_v, l_u. Initialised so that l = 1: a fresh adapter is the base model.
+
+    It holds `n` generators side by side so one batch can serve many tenants: row i of a
+    batch uses generator which[i]. (IA)^3 is the special case W_up = 0 (then l = b_up).
+    """
+
+    def __init__(self, config: ModelConfig, rank: int, n: int = 1, pool_normed: bool = True):
+        super().__init__()
+        self.widths = (config.q_width, config.kv_width, config.intermediate_size)
+        self.pool_normed = pool_normed  # pool the block's normalised input rather than the raw residual
+        self.w_down = nn.Parameter(torch.randn(n, config.hidden_size, rank) * 0.02)
+        self.w_up = nn.Parameter(torch.zeros(n, rank, sum(self.widths)))
+        self.b_up = nn.Parameter(torch.ones(n, sum(self.widths)))
+
+    def forward(self, pooled: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, d_model) pooled states -> (B, q_width + kv_width + d_ffn) vectors."""
+        p = pooled.to(self.w_down.dtype)
+        if which is None:  # the whole batch uses generator 0
+            return F.gelu(p @ self.w_down[0]) @ self.w_up[0] + self.b_up[0]
+        hidden = F.gelu(torch.bmm(p[:, None], self.w_down[which]))           # (B, 1, r)
+        return torch.baddbmm(self.b_up[which][:, None], hidden, self.w_up[which])[:, 0]
 
 
 class Attention(nn.Module):
@@ -130,12 +162,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.kv_width, bias=bias)
         self.o_proj = nn.Linear(config.q_width, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None, l_q: torch.Tensor | None = None, l_v: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if l_q is not None:  # PARA: scale Q and V before rotary embedding; the cache holds scaled V
+            q, v = q * l_q, v * l_v
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H_kv, L, D): everything so far
@@ -162,8 +197,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, l_u: torch.Tensor | None = None) -> torch.Tensor:
+        up = self.up_proj(x)
+        if l_u is not None:  # PARA scales the Up projection's output
+            up = up * l_u
+        return self.down_proj(self.act(self.gate_proj(x)) * up)
 
 
 class Block(nn.Module):
@@ -173,11 +211,37 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.is_gemma)
         self.mlp = MLP(config)
+        self.layer = layer
+        self.vg: VectorGenerator | None = None  # PARA's generator, installed by para.adapters
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None, pool_index: torch.Tensor | None = None,
+                which: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.attn_norm(x)
+        l_q = l_v = l_u = None
+        vectors = self.prompt_vectors(x, h, cache, pool_index, which)
+        if vectors is not None:
+            l_q, l_v, l_u = vectors.split(self.vg.widths, dim=-1)
+        x = x + self.attn(h, rope, mask, cache, l_q, l_v)
+        return x + self.mlp(self.mlp_norm(x), l_u)
+
+    def prompt_vectors(self, x: torch.Tensor, h: torch.Tensor, cache: KVCache | None,
+                       pool_index: torch.Tensor | None, which: torch.Tensor | None) -> torch.Tensor | None:
+        """PARA's vectors (B, 1, width): generated from each sequence's last prompt token on a
+        full pass or prefill, read back from the cache on a decoding step."""
+        if self.vg is None:
+            return None
+        if cache is not None and cache.pos > 0:
+            return cache.vectors[self.layer]
+        source = h if self.vg.pool_normed else x
+        if pool_index is None:  # prompts end at the last position (left-padded prefill)
+            pooled = source[:, -1]
+        else:
+            pooled = source[torch.arange(source.shape[0], device=source.device), pool_index]  # (B, d_model)
+        vectors = self.vg(pooled, which).to(x.dtype)[:, None]
+        if cache is not None:
+            cache.vectors[self.layer] = vectors
+        return vectors
 
 
 class Transformer(nn.Module):
@@ -190,6 +254,7 @@ class Transformer(nn.Module):
         # Tied models have no output matrix of their own: logits use the embedding.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
+        self.grad_checkpointing = False
 
     @property
     def device(self) -> torch.device:
@@ -209,17 +274,23 @@ class Transformer(nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False,
+                pool_index: torch.Tensor | None = None, which: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T), or (B, 1, vocab) with `last_only`.
 
         attention_mask (B, T) marks real tokens (False on left padding). With a cache, the
         tokens continue the cached sequences and are appended to the cache.
+        PARA: pool_index (B,) is where each prompt ends in input_ids (default: the last
+        position); which (B,) picks each row's generator when several tenants share a batch.
         """
         positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
         x = self.embed_tokens(input_ids)  # (B, T, d_model)
         rope = self.rope(positions, x.dtype)
         for block in self.layers:
-            x = block(x, rope, mask, cache)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # recompute activations in backward
+                x = checkpoint(block, x, rope, mask, cache, pool_index, which, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, pool_index, which)
         if cache is not None:
             cache.pos += input_ids.shape[1]
         if last_only:
