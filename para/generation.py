@@ -71,12 +71,15 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     return torch.multinomial(logits_to_probs(logits, sampling), 1, generator=generator).squeeze(-1)
 
 
-def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
-            pad_id: int = 0) -> tuple[KVCache, torch.Tensor]:
-    """Run the prompts through the model once; return the filled cache and the last logits (B, V)."""
+def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0,
+            which: list[int] | None = None) -> tuple[KVCache, torch.Tensor]:
+    """Run the prompts through the model once; return the filled cache and the last logits (B, V).
+    which[i] picks prompt i's adapter when a bank of several is installed (0 = base model);
+    PARA's vectors are generated here, once, and kept in the cache."""
     ids, mask = left_pad(prompts, pad_id, model.device)
     cache = model.new_cache(len(prompts), ids.shape[1] + max_new_tokens)
-    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)
+    rows = None if which is None else torch.tensor(which, device=model.device)
+    logits = model(ids, attention_mask=mask, cache=cache, last_only=True, which=rows)
     return cache, logits[:, -1]
 
 
@@ -94,7 +97,7 @@ def _sync(device: torch.device) -> float:
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
              sampling: Sampling | None = None, pad_id: int = 0,
-             on_token: Callable[[int, int], None] | None = None) -> Generation:
+             on_token: Callable[[int, int], None] | None = None, which: list[int] | None = None) -> Generation:
     """Sample up to max_new_tokens for each prompt, stopping a sequence at its first EOS.
     on_token(row, token) is called as each token is produced (for streaming)."""
     sampling = sampling or Sampling()
@@ -103,7 +106,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         generator = torch.Generator(model.device).manual_seed(sampling.seed)
     eos = torch.tensor(sorted(eos_ids) or [-1], device=model.device)
     start = _sync(model.device)
-    cache, logits = prefill(model, prompts, max_new_tokens, pad_id)
+    cache, logits = prefill(model, prompts, max_new_tokens, pad_id, which)
     after_prefill = _sync(model.device)
     out: list[list[int]] = [[] for _ in prompts]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
@@ -126,7 +129,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 @torch.inference_mode()
 def beam_search(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
-                num_beams: int, length_penalty: float = 1.0, pad_id: int = 0) -> Generation:
+                num_beams: int, length_penalty: float = 1.0, pad_id: int = 0,
+                which: list[int] | None = None) -> Generation:
     """Beam search for each prompt; returns the best hypothesis's new tokens.
 
     Scores are summed log-probabilities; a finished hypothesis is ranked by
@@ -137,7 +141,7 @@ def beam_search(model: Transformer, prompts: list[list[int]], max_new_tokens: in
     B, K = len(prompts), num_beams
     eos = set(eos_ids)
     start = _sync(model.device)
-    cache, logits = prefill(model, prompts, max_new_tokens, pad_id)
+    cache, logits = prefill(model, prompts, max_new_tokens, pad_id, which)
     after_prefill = _sync(model.device)
     # Every prompt starts with K copies of its cache row; only the first beam is live at first.
     cache.reorder(torch.arange(B, device=model.device).repeat_interleave(K))

@@ -8,6 +8,7 @@ right, or loading stops with one line naming the file and the tensor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -68,6 +69,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def fingerprint_sample(tensor: torch.Tensor) -> bytes:
+    """A few values of a checkpoint tensor, as float32 whatever dtype it is loaded in, so that an
+    adapter can recognise its base model cheaply (no pass over all the weights)."""
+    flat = tensor.reshape(-1)
+    picked = torch.cat((flat[:32], flat[flat.numel() // 2:][:32], flat[-32:])).float()
+    return str(tuple(tensor.shape)).encode() + picked.numpy().tobytes()
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: one file, or the shards its index names."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
@@ -100,6 +109,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         model = Transformer(config)
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
+    samples: dict[str, bytes] = {}
     for file in checkpoint_files(folder):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
@@ -116,7 +126,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
                     if shape != tuple(expected[name].shape):
                         raise CheckpointError(f"{file}: tensor {hf_name} has shape {list(shape)}, config.json "
                                               f"implies {list(expected[name].shape)}")
-                    tensor = f.get_tensor(hf_name).to(device=device, dtype=dtype)
+                    tensor = f.get_tensor(hf_name)
+                    samples[name] = fingerprint_sample(tensor)
+                    tensor = tensor.to(device=device, dtype=dtype)
                     module_name, _, leaf = name.rpartition(".")
                     setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
                     loaded.add(name)
@@ -128,4 +140,5 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         raise CheckpointError(f"{folder}: tensor {rename(missing[0], OURS_TO_HF)} is missing from the checkpoint "
                               f"({len(missing)} missing in all); download the checkpoint again")
     model.rope = RotaryEmbedding(config, device)  # holds no weights: rebuilt on the target device
+    model.fingerprint = hashlib.sha256(b"".join(samples[name] for name in sorted(samples))).hexdigest()
     return model.eval()

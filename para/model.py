@@ -255,6 +255,7 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
         self.grad_checkpointing = False
+        self.fingerprint: str | None = None  # set by the loader: identifies the base weights for adapters
 
     @property
     def device(self) -> torch.device:
@@ -283,6 +284,13 @@ class Transformer(nn.Module):
         PARA: pool_index (B,) is where each prompt ends in input_ids (default: the last
         position); which (B,) picks each row's generator when several tenants share a batch.
         """
+        x = self.hidden_states(input_ids, attention_mask, cache, pool_index, which)
+        return self.output(x[:, -1:] if last_only else x)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      cache: KVCache | None = None, pool_index: torch.Tensor | None = None,
+                      which: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's output (B, T, d_model), before the final norm."""
         positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
         x = self.embed_tokens(input_ids)  # (B, T, d_model)
         rope = self.rope(positions, x.dtype)
@@ -293,10 +301,11 @@ class Transformer(nn.Module):
                 x = block(x, rope, mask, cache, pool_index, which)
         if cache is not None:
             cache.pos += input_ids.shape[1]
-        if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
-        return F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        return x
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection: hidden states (..., d_model) -> logits (..., vocab)."""
+        return F.linear(self.norm(x), self.embed.weight if self.lm_head is None else self.lm_head.weight)
 
     def _positions_and_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                             cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:

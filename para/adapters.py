@@ -1,0 +1,168 @@
+"""PARA adapters: install vector generators in a model, decide what trains, and save, check and
+load adapter files. Also the bank that lets one batch mix many adapters (multi-tenant serving).
+
+An adapter file holds only the generator weights, its configuration, and a description of
+the base model (shapes and a fingerprint of its weights) so that it refuses a base it was not
+trained on. It is read with `torch.load(weights_only=True)`, which never runs code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from para.errors import UserError
+from para.model import Transformer, VectorGenerator
+
+FORMAT = "para-adapter"
+VERSION = 1
+POOLS = ("norm", "input")
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "para"
+    rank: int = 12          # bottleneck r of each generator
+    pool: str = "norm"      # pool the block's normalised input ("norm") or its raw residual input ("input")
+
+
+class AdapterError(UserError):
+    """An adapter file that cannot be used with this model."""
+
+
+def add_para(model: Transformer, config: AdapterConfig, n: int = 1) -> None:
+    """Give every block a fresh generator (identity at start), in float32 on the model's device."""
+    if config.pool not in POOLS:
+        raise UserError(f"pool {config.pool!r} is not one of {POOLS}")
+    for block in model.layers:
+        block.vg = VectorGenerator(model.config, config.rank, n, pool_normed=config.pool == "norm").to(model.device)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return ".vg." in name
+
+
+def mark_only_adapter_trainable(model: Transformer) -> list[torch.nn.Parameter]:
+    """The one place that decides what trains: adapter parameters yes, base weights never."""
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter_parameter(name))
+        if param.requires_grad:
+            trainable.append(param)
+    return trainable
+
+
+def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if is_adapter_parameter(name)}
+
+
+def parameter_counts(model: Transformer) -> tuple[int, int]:
+    """(weights, biases) of the installed adapter: the paper counts W_down and W_up as weights."""
+    weights = sum(p.numel() for n, p in model.named_parameters() if is_adapter_parameter(n) and "b_up" not in n)
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".vg.b_up"))
+    return weights, biases
+
+
+def base_description(model: Transformer) -> dict:
+    c = model.config
+    return {"arch": c.arch, "hidden_size": c.hidden_size, "num_layers": c.num_layers, "q_width": c.q_width,
+            "kv_width": c.kv_width, "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
+            "fingerprint": getattr(model, "fingerprint", None)}
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(model: Transformer, config: AdapterConfig, path: Path, extra: dict | None = None) -> None:
+    atomic_save({"format": FORMAT, "version": VERSION, "config": asdict(config),
+                 "base": base_description(model), "state": adapter_state(model), **(extra or {})}, path)
+
+
+def read_adapter(path: Path) -> dict:
+    """Read and validate an adapter file (no code is executed); a problem is one AdapterError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged or foreign file
+        raise AdapterError(f"{path}: cannot read adapter, truncated or not an adapter file "
+                           f"({type(e).__name__}); train it again or copy it again") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise AdapterError(f"{path}: not a para adapter file")
+    if data.get("version") != VERSION:
+        raise AdapterError(f"{path}: adapter format version {data.get('version')} is not {VERSION}; "
+                           "retrain with this version")
+    return data
+
+
+def check_base(data: dict, model: Transformer, path: Path) -> None:
+    """Refuse an adapter trained on another base: shapes first, then the weights' fingerprint."""
+    expected, actual = data["base"], base_description(model)
+    for key in ("arch", "hidden_size", "num_layers", "q_width", "kv_width", "intermediate_size", "vocab_size"):
+        if expected.get(key) != actual[key]:
+            raise AdapterError(f"{path}: trained on a base with {key} {expected.get(key)}, this model has "
+                               f"{actual[key]}; use the --model it was trained on")
+    if expected.get("fingerprint") and actual["fingerprint"] and expected["fingerprint"] != actual["fingerprint"]:
+        raise AdapterError(f"{path}: trained on a base with different weights (fingerprint "
+                           f"{expected['fingerprint'][:12]}, this model {actual['fingerprint'][:12]}); "
+                           "use the --model it was trained on")
+
+
+def load_adapter(model: Transformer, path: Path) -> AdapterConfig:
+    """Install the adapter at `path` on every row of the batch (single-tenant use)."""
+    return install_bank(model, [path])[0]
+
+
+def install_bank(model: Transformer, paths: list[Path]) -> list[AdapterConfig]:
+    """Install generators for several adapters side by side (the bank a mixed batch uses):
+    adapter i of `paths` becomes generator i + 1 when rows pass `which`; generator 0 is the
+    identity, for rows that use the base model. With one adapter and `which` None, every row
+    uses it. Ranks may differ: smaller ones are zero-padded, which changes nothing."""
+    entries = []
+    for path in paths:
+        data = read_adapter(path)
+        check_base(data, model, path)
+        entries.append((AdapterConfig(**data["config"]), data["state"], path))
+    pools = {config.pool for config, _, _ in entries}
+    if len(pools) > 1:
+        raise AdapterError(f"adapters with different pooling ({', '.join(sorted(pools))}) cannot share a batch")
+    rank = max(config.rank for config, _, _ in entries)
+    bank_config = AdapterConfig(rank=rank, pool=pools.pop())
+    single = len(entries) == 1
+    add_para(model, bank_config, n=1 if single else len(entries) + 1)
+    with torch.no_grad():
+        for block in model.layers:
+            vg = block.vg
+            if not single:  # generator 0 is the identity: l = 1 exactly
+                vg.w_down[0].zero_()
+                vg.b_up[0].fill_(1.0)
+            for slot, (config, state, path) in enumerate(entries, start=0 if single else 1):
+                prefix = f"layers.{block.layer}.vg."
+                try:
+                    w_down, w_up, b_up = (state[prefix + name] for name in ("w_down", "w_up", "b_up"))
+                except KeyError as missing:
+                    raise AdapterError(f"{path}: tensor {missing.args[0]} is missing; the file is damaged") from None
+                vg.w_down[slot].zero_()
+                vg.w_up[slot].zero_()
+                vg.w_down[slot, :, :config.rank] = w_down[0]
+                vg.w_up[slot, :config.rank] = w_up[0]
+                vg.b_up[slot] = b_up[0]
+    return [config for config, _, _ in entries]

@@ -1,0 +1,206 @@
+"""A compact trainer for adapters on a frozen base: AdamW, linear decay after warm-up, gradient
+accumulation, dev-loss evaluation with early stopping, and interrupt-safe resumable checkpoints.
+
+The whole training state is (step, optimizer, adapter, early-stopping bookkeeping): the data
+order of epoch e is a permutation seeded by (seed + e), so a step number says exactly which
+examples come next, and a resumed run reaches the same adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from para.adapters import atomic_save
+from para.data import IGNORE, Batch, Example, collate
+from para.errors import UserError
+from para.model import Transformer
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    warmup: float = 0.06             # fraction of the steps spent warming up
+    epochs: int = 10
+    batch_size: int | None = None    # examples per optimizer step; None: 16 below 10k examples, else 128
+    micro_batch_size: int = 8        # examples per forward pass (gradient accumulation makes the rest)
+    eval_every: int = 200            # optimizer steps between dev evaluations
+    patience: int = 10               # evaluations without a lower dev loss before stopping
+    weight_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    stop_after: int | None = None    # write a resumable checkpoint and stop after this many steps
+
+    def batch_size_for(self, n_examples: int) -> int:
+        return self.batch_size or (16 if n_examples < 10_000 else 128)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_dev_loss: float = math.inf
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    history: list = field(default_factory=list)   # (step, dev loss) of every evaluation
+
+
+def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warm-up over the first `warmup` fraction of steps, then linear decay to zero."""
+    warmup = max(1, round(config.warmup * total_steps))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    return config.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def loss_sum(model: Transformer, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the response tokens, and their count. Logits are computed only
+    where there is a label: the output projection over the whole padded batch would dwarf the rest."""
+    hidden = model.hidden_states(batch.input_ids, pool_index=batch.pool_index)  # right padding: causal is enough
+    targets = batch.labels != IGNORE
+    logits = model.output(hidden[targets])                                      # (N, vocab)
+    return F.cross_entropy(logits.float(), batch.labels[targets], reduction="sum"), int(targets.sum())
+
+
+class Trainer:
+    def __init__(self, model: Transformer, params: list[torch.nn.Parameter], train: list[Example],
+                 dev: list[Example], config: TrainConfig, pad_id: int, checkpoint_path: Path,
+                 save_best: Callable[[], None], log: Callable[[str], None] = print):
+        self.model, self.params, self.train, self.dev = model, params, train, dev
+        self.config, self.pad_id, self.checkpoint_path, self.save_best, self.log = \
+            config, pad_id, checkpoint_path, save_best, log
+        self.batch_size = config.batch_size_for(len(train))
+        self.steps_per_epoch = math.ceil(len(train) / self.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.state = TrainState()
+        self.device = model.device
+        self.stop_requested = False
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def batch_examples(self, step: int) -> list[Example]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+        return [self.train[i] for i in order[index * self.batch_size:(index + 1) * self.batch_size].tolist()]
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step over a batch, in micro-batches; returns (mean loss, tokens seen)."""
+        examples = self.batch_examples(step)
+        micro = [collate(examples[i:i + self.config.micro_batch_size], self.pad_id).to(self.device)
+                 for i in range(0, len(examples), self.config.micro_batch_size)]
+        targets = sum(b.target_tokens for b in micro)
+        total = 0.0
+        for batch in micro:
+            with self.autocast():
+                loss, _ = loss_sum(self.model, batch)
+            (loss / targets).backward()  # the mean over every response token of the batch
+            total += loss.item()
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(step, self.total_steps, self.config)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / targets, sum(int(b.attention_mask.sum()) for b in micro)
+
+    @torch.no_grad()
+    def dev_loss(self) -> float:
+        total, count = 0.0, 0
+        for i in range(0, len(self.dev), self.config.micro_batch_size):
+            batch = collate(self.dev[i:i + self.config.micro_batch_size], self.pad_id).to(self.device)
+            with self.autocast():
+                loss, n = loss_sum(self.model, batch)
+            total, count = total + loss.item(), count + n
+        return total / count
+
+    def evaluate(self) -> bool:
+        """Dev loss now; keep the adapter if it is the best so far. True when patience ran out."""
+        loss = self.dev_loss()
+        state = self.state
+        state.history.append((state.step, loss))
+        if loss < state.best_dev_loss:
+            state.best_dev_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
+            self.save_best()
+        else:
+            state.evals_without_improvement += 1
+        self.log(f"step {state.step} | dev loss {loss:.4f} | best {state.best_dev_loss:.4f} at step {state.best_step}")
+        return state.evals_without_improvement >= self.config.patience
+
+    def save_checkpoint(self) -> None:
+        atomic_save({"state": asdict(self.state), "optimizer": self.optimizer.state_dict(),
+                     "params": [p.detach().cpu() for p in self.params], "config": asdict(self.config),
+                     "torch_rng": torch.get_rng_state()}, self.checkpoint_path)
+
+    def load_checkpoint(self) -> None:
+        path = self.checkpoint_path
+        if not path.exists():
+            raise UserError(f"{path}: no checkpoint to resume from; start without --resume")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                for p, value in zip(self.params, saved["params"], strict=True):
+                    p.copy_(value)
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except Exception as e:
+            raise UserError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {e}); "
+                            "delete it to start over") from None
+        self.state = TrainState(**saved["state"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.log(f"resumed from {path} at step {self.state.step}")
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+        self.log(f"{signal.Signals(signum).name}: stopping after this step")
+
+    def fit(self, resume: bool = False) -> str:
+        """Train until the last step or early stop ("finished"), or a signal or stop_after ("stopped")."""
+        if resume:
+            self.load_checkpoint()
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.model.train()
+        try:
+            return self._loop()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.model.eval()
+
+    def _loop(self) -> str:
+        state, config = self.state, self.config
+        start, tokens, losses = time.perf_counter(), 0, []
+        first_step = state.step
+        while state.step < self.total_steps:
+            loss, seen = self.train_step(state.step)
+            state.step += 1
+            tokens, losses = tokens + seen, losses + [loss]
+            if state.step % config.log_every == 0 or state.step == self.total_steps:
+                elapsed = time.perf_counter() - start
+                left = elapsed / (state.step - first_step) * (self.total_steps - state.step)
+                self.log(f"step {state.step}/{self.total_steps} | epoch {state.step / self.steps_per_epoch:.2f} | "
+                         f"loss {sum(losses) / len(losses):.4f} | lr {learning_rate(state.step - 1, self.total_steps, config):.2e} | "
+                         f"{tokens / elapsed:.0f} tok/s | {format_seconds(left)} left")
+                losses = []
+            if self.dev and (state.step % config.eval_every == 0 or state.step == self.total_steps):
+                if self.evaluate():
+                    self.log(f"early stop: no lower dev loss in {config.patience} evaluations")
+                    return "finished"
+                self.save_checkpoint()
+            if self.stop_requested or state.step == config.stop_after:
+                self.save_checkpoint()
+                self.log(f"stopped at step {state.step}; continue with --resume")
+                return "stopped"
+        if not self.dev:
+            self.save_best()
+        return "finished"
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"

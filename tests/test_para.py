@@ -1,0 +1,222 @@
+"""PARA: identity at start, frozen base, prompt-aware vectors, cache-consistent, counted right,
+saved and refused right, resumable, and servable many tenants to a batch."""
+
+import signal
+import os
+
+import pytest
+import torch
+
+from checkpoints import TINY_GEMMA, TINY_LLAMA, write_checkpoint
+from para.adapters import (AdapterConfig, AdapterError, add_para, install_bank, load_adapter,
+                           mark_only_adapter_trainable, parameter_counts, read_adapter, save_adapter)
+from para.config import ModelConfig
+from para.data import Example, collate
+from para.generation import generate
+from para.loading import load_model
+from para.model import Transformer
+from para.trainer import TrainConfig, Trainer, loss_sum
+
+
+@pytest.fixture(params=["llama", "gemma"])
+def model(request, tmp_path):
+    write_checkpoint(tmp_path / "base", TINY_LLAMA if request.param == "llama" else TINY_GEMMA)
+    return load_model(tmp_path / "base", device="cpu")
+
+
+def task_examples(n=48, seed=0):
+    """A toy prompt-dependent task: the prompt's last token (3 or 4) decides the response
+    (50, 51, 52 or 60, 61, 62); the tokens before it are noise."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        noise = torch.randint(10, 40, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+        op = int(torch.randint(3, 5, (1,), generator=g))
+        response = [50, 51, 52] if op == 3 else [60, 61, 62]
+        examples.append(Example([5, *noise, op], response + [1]))
+    return examples
+
+
+def train(model, tmp_path, steps_config=None, resume=False, examples=None, dev=None, **kwargs):
+    config = steps_config or TrainConfig(lr=3e-2, epochs=4, batch_size=8, micro_batch_size=4, eval_every=3,
+                                         log_every=100, seed=0, **kwargs)
+    params = mark_only_adapter_trainable(model)
+    trainer = Trainer(model, params, examples or task_examples(), dev if dev is not None else task_examples(8, seed=1),
+                      config, pad_id=0, checkpoint_path=tmp_path / "ckpt.resume",
+                      save_best=lambda: save_adapter(model, AdapterConfig(), tmp_path / "best.pt"), log=lambda m: None)
+    outcome = trainer.fit(resume=resume)
+    return trainer, outcome
+
+
+def test_fresh_adapter_is_exactly_the_base_model(model):
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        base = model(ids)
+        add_para(model, AdapterConfig(rank=4))
+        adapted = model(ids, pool_index=torch.tensor([5, 11]))
+    assert torch.equal(base, adapted)
+
+
+def test_training_changes_only_the_adapter_and_lowers_dev_loss(model, tmp_path):
+    add_para(model, AdapterConfig(rank=4))
+    base = {n: p.clone() for n, p in model.named_parameters() if ".vg." not in n}
+    dev_batch = collate(task_examples(8, seed=1), 0)
+    with torch.no_grad():
+        before = loss_sum(model, dev_batch)[0].item()
+    trainer, outcome = train(model, tmp_path)
+    assert outcome == "finished"
+    for name, param in model.named_parameters():
+        if ".vg." in name:
+            continue
+        assert torch.equal(param, base[name]), name   # bit for bit
+        assert not param.requires_grad
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for n, p in model.named_parameters() if ".vg." in n}
+    with torch.no_grad():
+        after = loss_sum(model, dev_batch)[0].item()
+    assert after < 0.8 * before
+    assert (tmp_path / "best.pt").exists()
+
+
+def test_vectors_depend_on_the_prompt_after_training(model, tmp_path):
+    add_para(model, AdapterConfig(rank=4))
+    train(model, tmp_path)
+    cache_a, cache_b = model.new_cache(1, 16), model.new_cache(1, 16)
+    with torch.no_grad():
+        model(torch.tensor([[5, 11, 12, 13, 14, 3]]), cache=cache_a)
+        model(torch.tensor([[5, 11, 12, 13, 14, 4]]), cache=cache_b)
+    differences = [float((a - b).abs().max()) for a, b in zip(cache_a.vectors, cache_b.vectors)]
+    assert max(differences) > 1e-3
+
+
+def test_training_forward_equals_prefill_then_decode(model, tmp_path):
+    add_para(model, AdapterConfig(rank=4))
+    train(model, tmp_path)
+    examples = task_examples(3, seed=5)
+    examples[1] = Example(examples[1].prompt[:3], examples[1].response)  # different prompt lengths
+    batch = collate(examples, pad_id=0)
+    with torch.no_grad():
+        full = model(batch.input_ids, pool_index=batch.pool_index)
+        for row, e in enumerate(examples):
+            cache = model.new_cache(1, 32)
+            logits = [model(torch.tensor([e.prompt]), cache=cache)[0, -1]]
+            for token in e.response[:-1]:
+                logits.append(model(torch.tensor([[token]]), cache=cache)[0, -1])
+            start = len(e.prompt) - 1
+            torch.testing.assert_close(torch.stack(logits), full[row, start:start + len(e.response)],
+                                       atol=1e-5, rtol=0)
+
+
+def test_parameter_count_on_llama2_7b_matches_the_formula():
+    config = ModelConfig(arch="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                         num_layers=32, num_heads=32)
+    with torch.device("meta"):
+        model = Transformer(config)
+        add_para(model, AdapterConfig(rank=12))
+    assert parameter_counts(model) == (8_945_664, 9_560_064 - 8_945_664)
+
+
+def test_adapter_round_trip(model, tmp_path):
+    add_para(model, AdapterConfig(rank=4, pool="input"))
+    train(model, tmp_path)
+    save_adapter(model, AdapterConfig(rank=4, pool="input"), tmp_path / "a.pt")
+    ids = torch.tensor([[5, 11, 12, 13, 14, 4]])
+    with torch.no_grad():
+        expected = model(ids)
+    fresh = load_model(tmp_path / "base", device="cpu")
+    config = load_adapter(fresh, tmp_path / "a.pt")
+    assert config == AdapterConfig(rank=4, pool="input")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), expected)
+    assert sorted(read_adapter(tmp_path / "a.pt")["state"]) == sorted(n for n, _ in model.named_parameters() if ".vg." in n)
+
+
+def test_adapter_refuses_another_base_and_damaged_files(tmp_path):
+    write_checkpoint(tmp_path / "base", TINY_LLAMA, seed=0)
+    write_checkpoint(tmp_path / "other", TINY_LLAMA, seed=1)           # same shapes, other weights
+    write_checkpoint(tmp_path / "gemma", TINY_GEMMA)
+    model = load_model(tmp_path / "base", device="cpu")
+    add_para(model, AdapterConfig(rank=4))
+    save_adapter(model, AdapterConfig(rank=4), tmp_path / "a.pt")
+    with pytest.raises(AdapterError, match="different weights"):
+        load_adapter(load_model(tmp_path / "other", device="cpu"), tmp_path / "a.pt")
+    with pytest.raises(AdapterError, match="arch llama, this model has gemma"):
+        load_adapter(load_model(tmp_path / "gemma", device="cpu"), tmp_path / "a.pt")
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes((tmp_path / "a.pt").read_bytes()[:300])
+    with pytest.raises(AdapterError, match="truncated or not an adapter"):
+        load_adapter(model, damaged)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.ones(2)}, foreign)
+    with pytest.raises(AdapterError, match="not a para adapter"):
+        load_adapter(model, foreign)
+    with pytest.raises(AdapterError, match="not found"):
+        load_adapter(model, tmp_path / "missing.pt")
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    write_checkpoint(tmp_path / "base", TINY_LLAMA)
+
+    def fresh():
+        torch.manual_seed(0)
+        m = load_model(tmp_path / "base", device="cpu")
+        add_para(m, AdapterConfig(rank=4))
+        return m
+
+    whole = fresh()
+    train(whole, tmp_path / "whole")
+    parts = fresh()
+    stop_at = 7
+    trainer, outcome = train(parts, tmp_path / "parts", stop_after=stop_at)
+    assert outcome == "stopped" and trainer.state.step == stop_at
+    parts = fresh()   # a new process: only the checkpoint carries over
+    trainer, outcome = train(parts, tmp_path / "parts", resume=True)
+    assert outcome == "finished"
+    for (name, a), b in zip(whole.named_parameters(), parts.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(tmp_path):
+    write_checkpoint(tmp_path / "base", TINY_LLAMA)
+    model = load_model(tmp_path / "base", device="cpu")
+    add_para(model, AdapterConfig(rank=4))
+    params = mark_only_adapter_trainable(model)
+    trainer = Trainer(model, params, task_examples(), [], TrainConfig(batch_size=8, log_every=100), 0,
+                      tmp_path / "ckpt.resume", save_best=lambda: None, log=lambda m: None)
+    original = trainer.train_step
+
+    def step_then_signal(step):
+        result = original(step)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    trainer.train_step = step_then_signal
+    assert trainer.fit() == "stopped"
+    assert trainer.state.step == 3 and (tmp_path / "ckpt.resume").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_mixed_adapter_batch_equals_each_alone(tmp_path):
+    write_checkpoint(tmp_path / "base", TINY_LLAMA)
+    paths = []
+    for i, (rank, pool) in enumerate([(4, "norm"), (2, "norm")]):
+        m = load_model(tmp_path / "base", device="cpu")
+        torch.manual_seed(i)
+        add_para(m, AdapterConfig(rank=rank, pool=pool))
+        train(m, tmp_path / f"t{i}", steps_config=TrainConfig(lr=3e-2, epochs=2, batch_size=8, seed=i, log_every=100))
+        save_adapter(m, AdapterConfig(rank=rank, pool=pool), tmp_path / f"a{i}.pt")
+        paths.append(tmp_path / f"a{i}.pt")
+    prompts = [[5, 11, 12, 13, 14, 3], [5, 20, 21, 4], [5, 30, 31, 32, 3], [7, 8]]
+    which = [1, 2, 0, 1]          # adapter 1, adapter 2, the base model, adapter 1
+    alone = []
+    for prompt, w in zip(prompts, which):
+        m = load_model(tmp_path / "base", device="cpu")
+        if w:
+            load_adapter(m, paths[w - 1])
+        alone.append(generate(m, [prompt], 6, eos_ids=[]).tokens[0])
+    server = load_model(tmp_path / "base", device="cpu")
+    install_bank(server, paths)
+    mixed = generate(server, prompts, 6, eos_ids=[], which=which).tokens
+    assert mixed == alone
+    assert alone[0] != generate(load_model(tmp_path / "base", device="cpu"), [prompts[0]], 6, eos_ids=[]).tokens[0]

@@ -1,0 +1,116 @@
+"""Fine-tune a frozen LLaMA or Gemma checkpoint with PARA and write the adapter.
+
+    python train.py --data train.jsonl                    # the default model, writes para.pt
+    python train.py --model DIR --data train.jsonl --eval-data dev.jsonl --out tenant1.pt
+    python train.py --data train.jsonl --resume           # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+import para
+from para.adapters import AdapterConfig, POOLS, add_para, mark_only_adapter_trainable, parameter_counts, save_adapter
+from para.cli import add_model_args, model_dir, run_cli
+from para.data import read_examples
+from para.errors import UserError
+from para.trainer import TrainConfig, Trainer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--data", type=Path, required=True, help='JSONL: {"prompt", "response"} or {"instruction", "input", "output"}')
+    parser.add_argument("--eval-data", type=Path, help="JSONL dev set (default: hold out --dev-fraction of --data)")
+    parser.add_argument("--dev-fraction", type=float, default=0.1, help="share of --data held out as the dev set")
+    parser.add_argument("--out", type=Path, default=Path("para.pt"), help="the adapter file (best dev loss)")
+    parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    parser.add_argument("--method", choices=("para",), default="para")
+    parser.add_argument("--rank", type=int, default=12, help="generator bottleneck r")
+    parser.add_argument("--pool", choices=POOLS, default="norm",
+                        help="pool the block's normalised input (norm) or its raw residual input (input)")
+    parser.add_argument("--max-len", type=int, default=2048, help="longest example in tokens; longer ones are truncated")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default 16, or 128 from 10k examples)")
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward pass")
+    parser.add_argument("--eval-every", type=int, default=200, help="steps between dev evaluations")
+    parser.add_argument("--patience", type=int, default=10, help="evaluations without improvement before stopping")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT.resume")
+    parser.add_argument("--stop-after", type=int, default=None, help="write a resumable checkpoint and stop after N steps")
+    args = parser.parse_args(argv)
+    if not 0 <= args.dev_fraction < 1:
+        parser.error("--dev-fraction must be in [0, 1)")
+    for name in ("rank", "max_len", "epochs", "micro_batch_size", "eval_every", "patience", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def split_dev(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction == 0 or len(examples) < 2:
+        return examples, []
+    shuffled = examples[:]
+    random.Random(seed).shuffle(shuffled)
+    n_dev = max(1, round(fraction * len(examples)))
+    return shuffled[n_dev:], shuffled[:n_dev]
+
+
+def main() -> None:
+    args = parse_args()
+    if args.out.suffix == ".resume":
+        raise UserError(f"--out {args.out}: pick a name not ending in .resume (that is the checkpoint's)")
+    folder = model_dir(args.model)
+    model, tokenizer = para.load(folder, args.device, args.dtype)
+    examples, truncated = read_examples(args.data, tokenizer, args.chat, args.max_len)
+    if args.eval_data:
+        train, dev = examples, read_examples(args.eval_data, tokenizer, args.chat, args.max_len)[0]
+    else:
+        train, dev = split_dev(examples, args.dev_fraction, args.seed)
+
+    torch.manual_seed(args.seed)
+    adapter = AdapterConfig(method=args.method, rank=args.rank, pool=args.pool)
+    add_para(model, adapter)
+    params = mark_only_adapter_trainable(model)
+    model.grad_checkpointing = args.grad_checkpointing
+    weights, biases = parameter_counts(model)
+    config = TrainConfig(lr=args.lr, warmup=args.warmup, epochs=args.epochs, batch_size=args.batch_size,
+                         micro_batch_size=args.micro_batch_size, eval_every=args.eval_every,
+                         patience=args.patience, seed=args.seed, log_every=args.log_every, stop_after=args.stop_after)
+
+    def save_best() -> None:
+        save_adapter(model, adapter, args.out, extra={"train": {"data": str(args.data), "chat": args.chat,
+                                                               "step": trainer.state.step}})
+
+    checkpoint = args.out.with_name(args.out.name + ".resume")
+    trainer = Trainer(model, params, train, dev, config, tokenizer.pad_id or 0, checkpoint, save_best, log=log)
+    log(f"model {folder} ({model.config.arch}, {model.config.num_layers} layers) on {model.device}, {model.dtype}")
+    log(f"data {len(train)} train / {len(dev)} dev examples, {truncated} truncated to {args.max_len} tokens "
+        "(prompt cut from its start, response from its end)")
+    log(f"PARA r={args.rank}, pool={args.pool}: {weights:,} trainable weights + {biases:,} biases "
+        f"= {weights + biases:,} ({(weights + biases) / sum(p.numel() for p in model.parameters()):.3%} of all)")
+    log(f"{trainer.total_steps} steps: {config.epochs} epochs x {trainer.steps_per_epoch} steps of "
+        f"{trainer.batch_size} examples, lr {config.lr}, warm-up {config.warmup:.0%}")
+    outcome = trainer.fit(resume=args.resume)
+    if outcome == "stopped":
+        sys.exit(130)
+    checkpoint.unlink(missing_ok=True)
+    best = f"best dev loss {trainer.state.best_dev_loss:.4f} at step {trainer.state.best_step}" if dev else "no dev set"
+    log(f"wrote {args.out} ({best})")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)
