@@ -8,6 +8,7 @@ trained on. It is read with `torch.load(weights_only=True)`, which never runs co
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -127,41 +128,48 @@ def check_base(data: dict, model: Transformer, path: Path) -> None:
 
 
 def load_adapter(model: Transformer, path: Path) -> AdapterConfig:
-    """Install the adapter at `path` on every row of the batch (single-tenant use)."""
-    return install_bank(model, [path])[0]
+    """Install the adapter at `path` for every row of a batch (single-tenant use)."""
+    return _install(model, [path], identity_first=False)[0]
 
 
 def install_bank(model: Transformer, paths: list[Path]) -> list[AdapterConfig]:
-    """Install generators for several adapters side by side (the bank a mixed batch uses):
-    adapter i of `paths` becomes generator i + 1 when rows pass `which`; generator 0 is the
-    identity, for rows that use the base model. With one adapter and `which` None, every row
-    uses it. Ranks may differ: smaller ones are zero-padded, which changes nothing."""
+    """Install several adapters side by side for mixed batches: a row with which = i + 1 uses
+    paths[i], a row with which = 0 the base model (generator 0 is the identity, l = 1)."""
+    return _install(model, paths, identity_first=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_cached(path: Path, mtime_ns: int) -> dict:
+    return read_adapter(path)
+
+
+def _install(model: Transformer, paths: list[Path], identity_first: bool) -> list[AdapterConfig]:
+    """Ranks may differ: smaller ones are zero-padded to the largest, which changes nothing
+    (gelu(0) = 0). Adapter files are read once per process and cached."""
     entries = []
     for path in paths:
-        data = read_adapter(path)
+        path = Path(path).resolve()
+        data = _read_cached(path, path.stat().st_mtime_ns) if path.is_file() else read_adapter(path)
         check_base(data, model, path)
         entries.append((AdapterConfig(**data["config"]), data["state"], path))
     pools = {config.pool for config, _, _ in entries}
     if len(pools) > 1:
         raise AdapterError(f"adapters with different pooling ({', '.join(sorted(pools))}) cannot share a batch")
     rank = max(config.rank for config, _, _ in entries)
-    bank_config = AdapterConfig(rank=rank, pool=pools.pop())
-    single = len(entries) == 1
-    add_para(model, bank_config, n=1 if single else len(entries) + 1)
+    first = 1 if identity_first else 0
+    add_para(model, AdapterConfig(rank=rank, pool=pools.pop()), n=len(entries) + first)
     with torch.no_grad():
         for block in model.layers:
             vg = block.vg
-            if not single:  # generator 0 is the identity: l = 1 exactly
-                vg.w_down[0].zero_()
-                vg.b_up[0].fill_(1.0)
-            for slot, (config, state, path) in enumerate(entries, start=0 if single else 1):
+            vg.w_down.zero_()
+            vg.w_up.zero_()
+            vg.b_up.fill_(1.0)
+            for slot, (config, state, path) in enumerate(entries, start=first):
                 prefix = f"layers.{block.layer}.vg."
                 try:
                     w_down, w_up, b_up = (state[prefix + name] for name in ("w_down", "w_up", "b_up"))
                 except KeyError as missing:
                     raise AdapterError(f"{path}: tensor {missing.args[0]} is missing; the file is damaged") from None
-                vg.w_down[slot].zero_()
-                vg.w_up[slot].zero_()
                 vg.w_down[slot, :, :config.rank] = w_down[0]
                 vg.w_up[slot, :config.rank] = w_up[0]
                 vg.b_up[slot] = b_up[0]
