@@ -76,3 +76,36 @@ def write_checkpoint(folder: Path, cfg: dict, weights: dict[str, torch.Tensor] |
         weight_map.update({n: file for n in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return weights
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Is 347 even or odd? Answer in one word.",
+          "Which number is larger, 12 or 40?", "What is the opposite of the word hot?", "positive negative even odd",
+          "Review: The food was wonderful.", "hello world, café, naïve, 東京, emoji 🙂"] * 20
+
+
+def write_tokenizer(folder: Path, vocab_size: int = 300) -> None:
+    """A byte-level BPE tokenizer.json trained on the fly, with ChatML special tokens (SmolLM2-like)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+        "add_bos_token": False, "chat_template": CHATML,
+        "added_tokens_decoder": {str(i): {"content": s, "special": True} for i, s in enumerate(specials)}}))
+
+
+def write_model_with_tokenizer(folder: Path, base: dict | None = None, seed: int = 0) -> Path:
+    """A tiny checkpoint folder that generate.py and train.py can use end to end."""
+    cfg = {**(base or TINY_LLAMA), "vocab_size": 320}
+    write_checkpoint(folder, cfg, seed=seed)
+    write_tokenizer(folder)
+    return folder
