@@ -28,9 +28,12 @@ def model_dir(path: Path | None) -> Path:
     if path is not None:
         return path
     if not (DEFAULT_MODEL_DIR / "config.json").exists():
-        from weights.fetch import fetch_default_model
+        from weights.fetch import FetchError, fetch_default_model
         print(f"fetching the default model into {DEFAULT_MODEL_DIR} (once)", file=sys.stderr)
-        fetch_default_model(DEFAULT_MODEL_DIR)
+        try:
+            fetch_default_model(DEFAULT_MODEL_DIR)
+        except FetchError as e:
+            raise UserError(str(e)) from None
     return DEFAULT_MODEL_DIR
 
 
