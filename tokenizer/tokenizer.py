@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -137,31 +137,29 @@ class SentencePieceModel:
             raise TokenizerError(f"{path}: not a SentencePiece model ({one_line(e)}); download the "
                                  "checkpoint's tokenizer.model again") from None
         self.legacy = legacy
+        self.n_pieces = self.sp.get_piece_size()
         self.dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith(SPIECE_SPACE)
         unk = self.sp.id_to_piece(self.sp.unk_id())
         self.behind_unk = (unk, len(self.sp.encode(unk)))  # for non-legacy encoding, see encode_text
-        # control and unknown pieces decode to their own text and count as special (as in HF's conversion)
-        self.text_of = {i: self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())
-                        if self.sp.is_control(i) or self.sp.is_unknown(i)}
-        self.special_ids = set(self.text_of)
-        self.split: dict[str, AddedToken] = {}
+        # HF's conversion makes control and unknown pieces (<s>, </s>, <unk>) special added tokens
+        self.split: dict[str, AddedToken] = {}  # text of a token -> the token, split out before encoding
+        for i in range(self.n_pieces):
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
+                self.split[self.sp.id_to_piece(i)] = AddedToken(self.sp.id_to_piece(i), i, special=True)
         for t in added:
-            t = AddedToken(t.content, t.id if t.id is not None else self.token_id(t.content), t.special,
-                           t.lstrip, t.rstrip)
-            if t.id is None:
-                continue  # a special-token string the vocabulary lacks; Tokenizer reports it if it matters
-            self.split.setdefault(t.content, t)
-            self.text_of[t.id] = t.content
-            if t.special:
-                self.special_ids.add(t.id)
+            t = replace(t, id=self.token_id(t.content) if t.id is None else t.id)
+            if t.id is not None:  # else a special-token string the vocabulary lacks: Tokenizer reports it
+                self.split[t.content] = t
+        self.text_of = {t.id: t.content for t in self.split.values()}  # id -> text, for decoding
+        self.special_ids = {t.id for t in self.split.values() if t.special}
         # longest first, so that the regex finds the longest token at each position as HF's trie does
         names = sorted(self.split, key=len, reverse=True)
-        self.pattern = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
-        self.vocab_size = max([self.sp.get_piece_size(), *(t.id + 1 for t in self.split.values())])
+        self.pattern = re.compile("(" + "|".join(map(re.escape, names)) + ")")
+        self.vocab_size = max([self.n_pieces, *(t.id + 1 for t in self.split.values())])
         self.bos_id = self.eos_id = None
 
     def token_id(self, text: str) -> int | None:
-        if text in getattr(self, "split", {}):
+        if text in self.split:
             return self.split[text].id
         i = self.sp.piece_to_id(text)
         return None if i == self.sp.unk_id() and text != self.sp.id_to_piece(i) else i
@@ -179,7 +177,7 @@ class SentencePieceModel:
         return self.sp.encode(unk + text)[n:]
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        parts = self.pattern.split(text) if self.pattern else [text]  # text, token, text, ..., text
+        parts = self.pattern.split(text)  # text, token, text, ..., text
         ids = [self.bos_id] if add_special_tokens and self.bos_id is not None else []
         for k in range(0, len(parts), 2):
             before = self.split[parts[k - 1]] if k > 0 else None
@@ -200,7 +198,7 @@ class SentencePieceModel:
             if i in self.text_of:
                 if not (skip_special_tokens and i in self.special_ids):
                     out += self.text_of[i].encode()
-            elif 0 <= i < self.sp.get_piece_size():  # like `tokenizers`, ignore ids outside the vocabulary
+            elif 0 <= i < self.n_pieces:  # like `tokenizers`, ignore ids outside the vocabulary
                 piece = self.sp.id_to_piece(i)
                 out += bytes([int(piece[3:5], 16)]) if self.sp.is_byte(i) else piece.replace(SPIECE_SPACE, " ").encode()
         text = out.decode("utf-8", errors="replace")
@@ -218,7 +216,7 @@ def chat_template_source(folder: Path, config: dict) -> tuple[str | None, Path]:
         if source is None:
             raise TokenizerError(f"{config_file}: chat_template lists no template named 'default'; add one")
     if source is not None and not isinstance(source, str):
-        raise TokenizerError(f"{config_file}: chat_template is a {type(source).__name__}, not a string; fix it")
+        raise TokenizerError(f"{config_file}: chat_template is of type {type(source).__name__}, not a string; fix it")
     return source, config_file
 
 
@@ -256,7 +254,7 @@ class Tokenizer:
         known = {t.content for t in added}
         added += [AddedToken(t, None, special=True) for t in dict.fromkeys([*specials.values(), *extra]) if t not in known]
 
-        tokenizer_class = str(config.get("tokenizer_class", "")).removesuffix("Fast")
+        tokenizer_class = str(config.get("tokenizer_class") or "").removesuffix("Fast")
         add_bos, add_eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
         if (folder / "tokenizer.json").exists():
             backend = HFTokenizerJson(folder / "tokenizer.json", added)
@@ -299,7 +297,9 @@ class Tokenizer:
                 text = text.replace(before, after)
         return text
 
-    def stream(self, skip_special_tokens: bool = False) -> "StreamDecoder":
+    def stream(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        """Incremental decoding of generated ids; special tokens are left out by default, as
+        the CLIs print decode(ids, skip_special_tokens=True) when not streaming."""
         return StreamDecoder(lambda ids: self.decode(ids, skip_special_tokens))
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -312,8 +312,8 @@ class Tokenizer:
             raise TokenizerError(f"{self.template_file}: chat_template does not compile ({one_line(e)}); "
                                  "fix the template") from None
         except jinja2.TemplateError as e:  # raise_exception, or an undefined variable
-            raise TokenizerError(f"{self.template_file}: the chat template refuses these messages "
-                                 f"({one_line(e)}); change the messages") from None
+            raise TokenizerError(f"{self.template_file}: the chat template rejects the messages "
+                                 f"({one_line(e)}); change them (drop --system if it has no system role)") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # the template writes its own BOS, so none is added (as HF's apply_chat_template(tokenize=True))
