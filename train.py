@@ -1,8 +1,10 @@
-"""Fine-tune a frozen LLaMA or Gemma checkpoint with PARA and write the adapter.
+"""Fine-tune a frozen LLaMA or Gemma checkpoint with PARA (or the LoRA and (IA)^3 baselines)
+and write the adapter.
 
     python train.py --data train.jsonl                    # the default model, writes para.pt
     python train.py --model DIR --data train.jsonl --eval-data dev.jsonl --out tenant1.pt
     python train.py --data train.jsonl --resume           # continue an interrupted run
+    python train.py --data train.jsonl --method lora      # baseline, sized to PARA's parameter count
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from pathlib import Path
 import torch
 
 import para
-from para.adapters import AdapterConfig, POOLS, add_para, mark_only_adapter_trainable, parameter_counts, save_adapter
+from para.adapters import (METHODS, PARA_SITES, POOLS, AdapterConfig, add_adapter, lora_rank_matching,
+                           mark_only_adapter_trainable, parameter_counts, save_adapter)
+from para.model import projection_shapes
 from para.cli import add_model_args, model_dir, run_cli
 from para.data import read_examples
 from para.errors import UserError
@@ -30,8 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dev-fraction", type=float, default=0.1, help="share of --data held out as the dev set")
     parser.add_argument("--out", type=Path, default=Path("para.pt"), help="the adapter file (best dev loss)")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
-    parser.add_argument("--method", choices=("para",), default="para")
-    parser.add_argument("--rank", type=int, default=12, help="generator bottleneck r")
+    parser.add_argument("--method", choices=METHODS, default="para",
+                        help="para (default); lora and ia3 are baselines on the same sites (Q, V, Up)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="PARA: generator bottleneck r (default 12); LoRA: rank (default: PARA's parameter count)")
+    parser.add_argument("--targets", default=",".join(PARA_SITES),
+                        help="LoRA: comma-separated projections among q,k,v,o,gate,up,down (default q,v,up)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA: updates scaled by alpha/rank (default alpha=rank)")
     parser.add_argument("--pool", choices=POOLS, default="norm",
                         help="pool the block's normalised input (norm) or its raw residual input (input)")
     parser.add_argument("--max-len", type=int, default=2048, help="longest example in tokens; longer ones are truncated")
@@ -50,10 +59,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.dev_fraction < 1:
         parser.error("--dev-fraction must be in [0, 1)")
-    for name in ("rank", "max_len", "epochs", "micro_batch_size", "eval_every", "patience", "log_every"):
+    if args.rank is not None and args.rank < 1:
+        parser.error("--rank must be at least 1")
+    for name in ("max_len", "epochs", "micro_batch_size", "eval_every", "patience", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def adapter_config(args: argparse.Namespace, config) -> AdapterConfig:
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    unknown = [t for t in targets if t not in projection_shapes(config)]
+    if unknown or not targets:
+        raise UserError(f"--targets {args.targets!r}: choose from {', '.join(projection_shapes(config))}")
+    if args.method == "lora":
+        rank = args.rank or lora_rank_matching(config, targets)
+        return AdapterConfig("lora", rank, targets=targets, alpha=args.lora_alpha)
+    return AdapterConfig(args.method, args.rank or 12, args.pool)
+
+
+def describe(adapter: AdapterConfig) -> str:
+    if adapter.method == "lora":
+        return f"LoRA r={adapter.rank} on {','.join(adapter.targets)} (unmerged)"
+    if adapter.method == "ia3":
+        return "(IA)^3 vectors on q,v,up"
+    return f"PARA r={adapter.rank}, pool={adapter.pool}"
 
 
 def split_dev(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -78,11 +108,11 @@ def main() -> None:
         train, dev = split_dev(examples, args.dev_fraction, args.seed)
 
     torch.manual_seed(args.seed)
-    adapter = AdapterConfig(method=args.method, rank=args.rank, pool=args.pool)
-    add_para(model, adapter)
+    adapter = adapter_config(args, model.config)
+    add_adapter(model, adapter)
     params = mark_only_adapter_trainable(model)
     model.grad_checkpointing = args.grad_checkpointing
-    weights, biases = parameter_counts(model)
+    trainable = sum(p.numel() for p in params)
     config = TrainConfig(lr=args.lr, warmup=args.warmup, epochs=args.epochs, batch_size=args.batch_size,
                          micro_batch_size=args.micro_batch_size, eval_every=args.eval_every,
                          patience=args.patience, seed=args.seed, log_every=args.log_every, stop_after=args.stop_after)
@@ -96,8 +126,10 @@ def main() -> None:
     log(f"model {folder} ({model.config.arch}, {model.config.num_layers} layers) on {model.device}, {model.dtype}")
     log(f"data {len(train)} train / {len(dev)} dev examples, {truncated} truncated to {args.max_len} tokens "
         "(prompt cut from its start, response from its end)")
-    log(f"PARA r={args.rank}, pool={args.pool}: {weights:,} trainable weights + {biases:,} biases "
-        f"= {weights + biases:,} ({(weights + biases) / sum(p.numel() for p in model.parameters()):.3%} of all)")
+    weights, biases = parameter_counts(model)
+    split = f" = {weights:,} weights + {biases:,} biases" if adapter.method == "para" else ""
+    log(f"{describe(adapter)}: {trainable:,} trainable parameters{split} "
+        f"({trainable / sum(p.numel() for p in model.parameters()):.3%} of all)")
     log(f"{trainer.total_steps} steps: {config.epochs} epochs x {trainer.steps_per_epoch} steps of "
         f"{trainer.batch_size} examples, lr {config.lr}, warm-up {config.warmup:.0%}")
     outcome = trainer.fit(resume=args.resume)

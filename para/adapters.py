@@ -16,35 +16,72 @@ from pathlib import Path
 
 import torch
 
+from para.config import ModelConfig
 from para.errors import UserError
-from para.model import Transformer, VectorGenerator
+from para.model import LoRA, Transformer, VectorGenerator, projection_shapes
 
 FORMAT = "para-adapter"
 VERSION = 1
+METHODS = ("para", "ia3", "lora")
 POOLS = ("norm", "input")
+PARA_SITES = ("q", "v", "up")   # what PARA's (and our (IA)^3's) vectors scale
 
 
 @dataclass
 class AdapterConfig:
-    method: str = "para"
-    rank: int = 12          # bottleneck r of each generator
-    pool: str = "norm"      # pool the block's normalised input ("norm") or its raw residual input ("input")
+    method: str = "para"                   # para, ia3 or lora
+    rank: int = 12                         # PARA: generator bottleneck r; LoRA: rank; (IA)^3: 0
+    pool: str = "norm"                     # PARA: pool the block's normalised input ("norm") or raw input ("input")
+    targets: tuple[str, ...] = PARA_SITES  # LoRA: the projections it updates
+    alpha: float | None = None             # LoRA: updates are scaled by alpha / rank (default alpha = rank)
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.method == "ia3":
+            self.rank = 0  # (IA)^3 is a generator with no prompt path: l = b_up, learned directly
+
+    @property
+    def lora_scale(self) -> float:
+        return (self.alpha or self.rank) / self.rank
 
 
 class AdapterError(UserError):
     """An adapter file that cannot be used with this model."""
 
 
-def add_para(model: Transformer, config: AdapterConfig, n: int = 1) -> None:
-    """Give every block a fresh generator (identity at start), in float32 on the model's device."""
+def add_adapter(model: Transformer, config: AdapterConfig, n: int = 1) -> None:
+    """Give every block a fresh adapter of `config.method` (the base model at start), holding n
+    side by side, in float32 on the model's device."""
+    if config.method not in METHODS:
+        raise UserError(f"method {config.method!r} is not one of {METHODS}")
     if config.pool not in POOLS:
         raise UserError(f"pool {config.pool!r} is not one of {POOLS}")
+    unknown = set(config.targets) - set(projection_shapes(model.config))
+    if unknown:
+        raise UserError(f"unknown LoRA target {sorted(unknown)[0]!r}; choose from {', '.join(projection_shapes(model.config))}")
     for block in model.layers:
+        block.vg = block.lora = None
+        _attach(model, block, config, n)
+
+
+def _attach(model: Transformer, block, config: AdapterConfig, n: int) -> None:
+    if config.method == "lora":
+        block.lora = LoRA(model.config, config.rank, config.targets, n, config.lora_scale).to(model.device)
+    else:
         block.vg = VectorGenerator(model.config, config.rank, n, pool_normed=config.pool == "norm").to(model.device)
 
 
+def lora_rank_matching(config: ModelConfig, targets: tuple[str, ...], para_rank: int = 12) -> int:
+    """The LoRA rank whose parameter count is closest to PARA's (weights and biases) on this model."""
+    shapes = projection_shapes(config)
+    para = config.num_layers * (config.hidden_size * para_rank + (para_rank + 1) * (config.q_width + config.kv_width
+                                                                                      + config.intermediate_size))
+    per_rank = config.num_layers * sum(shapes[t][0] + shapes[t][1] for t in targets)
+    return max(1, round(para / per_rank))
+
+
 def is_adapter_parameter(name: str) -> bool:
-    return ".vg." in name
+    return ".vg." in name or ".lora." in name
 
 
 def mark_only_adapter_trainable(model: Transformer) -> list[torch.nn.Parameter]:
@@ -144,33 +181,66 @@ def _read_cached(path: Path, mtime_ns: int) -> dict:
 
 
 def _install(model: Transformer, paths: list[Path], identity_first: bool) -> list[AdapterConfig]:
-    """Ranks may differ: smaller ones are zero-padded to the largest, which changes nothing
-    (gelu(0) = 0). Adapter files are read once per process and cached."""
+    """Put each adapter in its slot of the generator bank (PARA, (IA)^3) or the LoRA bank; in
+    the other bank its slot is the identity (vectors 1, update 0), as is slot 0 for base rows.
+    Smaller ranks are zero-padded to the largest, which changes nothing (gelu(0) = 0). Adapter
+    files are read once per process and cached."""
     entries = []
     for path in paths:
         path = Path(path).resolve()
         data = _read_cached(path, path.stat().st_mtime_ns) if path.is_file() else read_adapter(path)
         check_base(data, model, path)
         entries.append((AdapterConfig(**data["config"]), data["state"], path))
-    pools = {config.pool for config, _, _ in entries}
+    first = 1 if identity_first else 0
+    slots = list(enumerate(entries, start=first))
+    vector_slots = [(i, e) for i, e in slots if e[0].method != "lora"]
+    lora_slots = [(i, e) for i, e in slots if e[0].method == "lora"]
+    pools = {config.pool for _, (config, _, _) in vector_slots if config.method == "para"}
     if len(pools) > 1:
         raise AdapterError(f"adapters with different pooling ({', '.join(sorted(pools))}) cannot share a batch")
-    rank = max(config.rank for config, _, _ in entries)
-    first = 1 if identity_first else 0
-    add_para(model, AdapterConfig(rank=rank, pool=pools.pop()), n=len(entries) + first)
+    n = len(entries) + first
+    vg = lora = None
+    if vector_slots:
+        rank = max(config.rank for _, (config, _, _) in vector_slots)
+        vg = AdapterConfig("para", rank, pools.pop() if pools else "norm")
+    if lora_slots:
+        rank = max(config.rank for _, (config, _, _) in lora_slots)
+        targets = [t for t in projection_shapes(model.config) if any(t in c.targets for _, (c, _, _) in lora_slots)]
+        lora = AdapterConfig("lora", rank, targets=tuple(targets), alpha=rank)   # scale 1: each B carries its own
+    for block in model.layers:
+        block.vg = block.lora = None
+        for config in (vg, lora):
+            if config:
+                _attach(model, block, config, n)
     with torch.no_grad():
         for block in model.layers:
-            vg = block.vg
-            vg.w_down.zero_()
-            vg.w_up.zero_()
-            vg.b_up.fill_(1.0)
-            for slot, (config, state, path) in enumerate(entries, start=first):
-                prefix = f"layers.{block.layer}.vg."
-                try:
-                    w_down, w_up, b_up = (state[prefix + name] for name in ("w_down", "w_up", "b_up"))
-                except KeyError as missing:
-                    raise AdapterError(f"{path}: tensor {missing.args[0]} is missing; the file is damaged") from None
-                vg.w_down[slot, :, :config.rank] = w_down[0]
-                vg.w_up[slot, :config.rank] = w_up[0]
-                vg.b_up[slot] = b_up[0]
+            prefix = f"layers.{block.layer}."
+            if block.vg is not None:
+                block.vg.w_down.zero_()
+                block.vg.w_up.zero_()
+                block.vg.b_up.fill_(1.0)
+            if block.lora is not None:
+                for site in block.lora.sites:
+                    block.lora.a[site].zero_()
+                    block.lora.b[site].zero_()
+            for slot, (config, state, path) in slots:
+                tensors = _adapter_tensors(state, prefix, config, path)
+                if config.method == "lora":
+                    for site in config.targets:
+                        block.lora.a[site][slot, :, :config.rank] = tensors[f"a.{site}"][0]
+                        block.lora.b[site][slot, :config.rank] = tensors[f"b.{site}"][0] * config.lora_scale
+                else:
+                    block.vg.w_down[slot, :, :config.rank] = tensors["w_down"][0]
+                    block.vg.w_up[slot, :config.rank] = tensors["w_up"][0]
+                    block.vg.b_up[slot] = tensors["b_up"][0]
     return [config for config, _, _ in entries]
+
+
+def _adapter_tensors(state: dict, prefix: str, config: AdapterConfig, path: Path) -> dict[str, torch.Tensor]:
+    names = ([f"a.{t}" for t in config.targets] + [f"b.{t}" for t in config.targets] if config.method == "lora"
+             else ["w_down", "w_up", "b_up"])
+    module = "lora." if config.method == "lora" else "vg."
+    try:
+        return {name: state[prefix + module + name] for name in names}
+    except KeyError as missing:
+        raise AdapterError(f"{path}: tensor {missing.args[0]} is missing; the file is damaged") from None

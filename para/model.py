@@ -12,7 +12,8 @@ Architecture choices (Hugging Face `LlamaForCausalLM` / `GemmaForCausalLM` seman
 PARA (Prompt Aware Representation Adjustment): a block may own a VectorGenerator that turns
 the hidden state of the prompt's last token into vectors l_q, l_v, l_u, which scale the
 outputs of the Q, V and Up projections. They are computed once, at prefill, and kept in the
-KV cache; decoding steps only multiply.
+KV cache; decoding steps only multiply. (IA)^3 is a generator of rank 0 (constant vectors);
+the LoRA baseline adds unmerged low-rank updates to projection outputs.
 The KV cache is an explicit object with preallocated buffers; without one, `forward` is the
 plain full-sequence path that the tests compare the cached path against.
 """
@@ -104,6 +105,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
         self.pos = 0                # slots filled so far, the same for every sequence
         self.vectors: list[torch.Tensor | None] = [None] * config.num_layers  # PARA, per layer (B, 1, width)
+        self.which: torch.Tensor | None = None  # each row's adapter in a mixed batch, set at prefill
         self.has_padding = False    # any invalid slot so far: then attention needs a mask
 
     @property
@@ -124,6 +126,7 @@ class KVCache:
         self.valid = self.valid.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
         self.vectors = [None if v is None else v.index_select(0, index) for v in self.vectors]
+        self.which = None if self.which is None else self.which.index_select(0, index)
 
 
 class VectorGenerator(nn.Module):
@@ -151,6 +154,52 @@ class VectorGenerator(nn.Module):
         return torch.baddbmm(self.b_up[which][:, None], hidden, self.w_up[which])[:, 0]
 
 
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) width of each projection of a block, by the short names adapters use."""
+    d, q, kv, ffn = config.hidden_size, config.q_width, config.kv_width, config.intermediate_size
+    return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, ffn), "up": (d, ffn), "down": (ffn, d)}
+
+
+class LoRA(nn.Module):
+    """Unmerged low-rank updates, the baseline: out += (x @ A) @ B * scale on each site, with A
+    random and B = 0 at start (the base model). Like VectorGenerator it holds n adapters side
+    by side and row i of a batch uses adapter which[i]: a per-sequence product at every step."""
+
+    def __init__(self, config: ModelConfig, rank: int, sites: tuple[str, ...], n: int = 1, scale: float = 1.0):
+        super().__init__()
+        shapes = projection_shapes(config)
+        self.sites, self.scale = tuple(sites), scale
+        # A like nn.Linear's default init (uniform, 1/sqrt(fan_in)), B zero: the update starts at 0.
+        self.a = nn.ParameterDict({s: nn.Parameter((torch.rand(n, shapes[s][0], rank) * 2 - 1) / shapes[s][0] ** 0.5)
+                                   for s in self.sites})
+        self.b = nn.ParameterDict({s: nn.Parameter(torch.zeros(n, rank, shapes[s][1])) for s in self.sites})
+
+    def forward(self, site: str, x: torch.Tensor, which: torch.Tensor | None) -> torch.Tensor:
+        """The update (B, T, out) for the input x (B, T, in) of projection `site`."""
+        a, b = self.a[site], self.b[site]
+        xa = x.to(a.dtype)
+        if which is None:  # the whole batch uses adapter 0
+            update = xa @ a[0] @ b[0]
+        else:
+            update = torch.bmm(torch.bmm(xa, a[which]), b[which])
+        return (update * self.scale).to(x.dtype)
+
+
+class Adjustment:
+    """How one block's projections are adapted for one batch: vectors (PARA, (IA)^3) scale the
+    q, v and up outputs, LoRA adds its update to the outputs of its sites."""
+
+    def __init__(self, vectors: dict[str, torch.Tensor] | None, lora: LoRA | None, which: torch.Tensor | None):
+        self.vectors, self.lora, self.which = vectors, lora, which
+
+    def __call__(self, site: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.vectors is not None and site in self.vectors:
+            out = out * self.vectors[site]
+        if self.lora is not None and site in self.lora.sites:
+            out = out + self.lora(site, x, self.which)
+        return out
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -163,11 +212,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.q_width, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None, l_q: torch.Tensor | None = None, l_v: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None, adjust: Adjustment | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if l_q is not None:  # PARA: scale Q and V before rotary embedding; the cache holds scaled V
-            q, v = q * l_q, v * l_v
+        if adjust is not None:  # adapters act before rotary embedding; the cache holds adapted V
+            q, k, v = adjust("q", x, q), adjust("k", x, k), adjust("v", x, v)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
@@ -177,7 +226,8 @@ class Attention(nn.Module):
         # No mask means plain causal attention (a prefill from slot 0, or one token seeing all).
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                              enable_gqa=True)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)                       # (B, T, H * D)
+        return self.o_proj(out) if adjust is None else adjust("o", out, self.o_proj(out))
 
 
 ACTIVATIONS = {
@@ -197,11 +247,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x: torch.Tensor, l_u: torch.Tensor | None = None) -> torch.Tensor:
-        up = self.up_proj(x)
-        if l_u is not None:  # PARA scales the Up projection's output
-            up = up * l_u
-        return self.down_proj(self.act(self.gate_proj(x)) * up)
+    def forward(self, x: torch.Tensor, adjust: Adjustment | None = None) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if adjust is not None:  # PARA scales the Up projection's output
+            gate, up = adjust("gate", x, gate), adjust("up", x, up)
+        hidden = self.act(gate) * up
+        return self.down_proj(hidden) if adjust is None else adjust("down", hidden, self.down_proj(hidden))
 
 
 class Block(nn.Module):
@@ -212,18 +263,21 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.is_gemma)
         self.mlp = MLP(config)
         self.layer = layer
-        self.vg: VectorGenerator | None = None  # PARA's generator, installed by para.adapters
+        self.vg: VectorGenerator | None = None  # PARA's (or (IA)^3's) generator, installed by para.adapters
+        self.lora: LoRA | None = None           # the LoRA baseline, installed by para.adapters
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: KVCache | None, pool_index: torch.Tensor | None = None,
                 which: torch.Tensor | None = None) -> torch.Tensor:
         h = self.attn_norm(x)
-        l_q = l_v = l_u = None
-        vectors = self.prompt_vectors(x, h, cache, pool_index, which)
-        if vectors is not None:
-            l_q, l_v, l_u = vectors.split(self.vg.widths, dim=-1)
-        x = x + self.attn(h, rope, mask, cache, l_q, l_v)
-        return x + self.mlp(self.mlp_norm(x), l_u)
+        adjust = None
+        if self.vg is not None or self.lora is not None:
+            vectors = self.prompt_vectors(x, h, cache, pool_index, which)
+            if vectors is not None:
+                vectors = dict(zip(("q", "v", "up"), vectors.split(self.vg.widths, dim=-1)))
+            adjust = Adjustment(vectors, self.lora, which)
+        x = x + self.attn(h, rope, mask, cache, adjust)
+        return x + self.mlp(self.mlp_norm(x), adjust)
 
     def prompt_vectors(self, x: torch.Tensor, h: torch.Tensor, cache: KVCache | None,
                        pool_index: torch.Tensor | None, which: torch.Tensor | None) -> torch.Tensor | None:
@@ -292,6 +346,10 @@ class Transformer(nn.Module):
                       which: torch.Tensor | None = None) -> torch.Tensor:
         """The last block's output (B, T, d_model), before the final norm."""
         positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
+        if cache is not None:  # each row's adapter is chosen at prefill and kept for decoding
+            if cache.pos == 0:
+                cache.which = which
+            which = cache.which
         x = self.embed_tokens(input_ids)  # (B, T, d_model)
         rope = self.rope(positions, x.dtype)
         for block in self.layers:

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from checkpoints import TINY_GEMMA, TINY_LLAMA, write_checkpoint
-from para.adapters import (AdapterConfig, AdapterError, add_para, install_bank, load_adapter,
+from para.adapters import (AdapterConfig, AdapterError, add_adapter, install_bank, load_adapter, lora_rank_matching,
                            mark_only_adapter_trainable, parameter_counts, read_adapter, save_adapter)
 from para.config import ModelConfig
 from para.data import Example, collate
-from para.generation import generate
+from para.generation import beam_search, generate
 from para.loading import load_model
 from para.model import Transformer
 from para.trainer import TrainConfig, Trainer, loss_sum
@@ -52,13 +52,13 @@ def test_fresh_adapter_is_exactly_the_base_model(model):
     ids = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
         base = model(ids)
-        add_para(model, AdapterConfig(rank=4))
+        add_adapter(model, AdapterConfig(rank=4))
         adapted = model(ids, pool_index=torch.tensor([5, 11]))
     assert torch.equal(base, adapted)
 
 
 def test_training_changes_only_the_adapter_and_lowers_dev_loss(model, tmp_path):
-    add_para(model, AdapterConfig(rank=4))
+    add_adapter(model, AdapterConfig(rank=4))
     base = {n: p.clone() for n, p in model.named_parameters() if ".vg." not in n}
     dev_batch = collate(task_examples(8, seed=1), 0)
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_training_changes_only_the_adapter_and_lowers_dev_loss(model, tmp_path):
 
 
 def test_vectors_depend_on_the_prompt_after_training(model, tmp_path):
-    add_para(model, AdapterConfig(rank=4))
+    add_adapter(model, AdapterConfig(rank=4))
     train(model, tmp_path)
     cache_a, cache_b = model.new_cache(1, 16), model.new_cache(1, 16)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_vectors_depend_on_the_prompt_after_training(model, tmp_path):
 
 
 def test_training_forward_equals_prefill_then_decode(model, tmp_path):
-    add_para(model, AdapterConfig(rank=4))
+    add_adapter(model, AdapterConfig(rank=4))
     train(model, tmp_path)
     examples = task_examples(3, seed=5)
     examples[1] = Example(examples[1].prompt[:3], examples[1].response)  # different prompt lengths
@@ -112,12 +112,12 @@ def test_parameter_count_on_llama2_7b_matches_the_formula():
                          num_layers=32, num_heads=32)
     with torch.device("meta"):
         model = Transformer(config)
-        add_para(model, AdapterConfig(rank=12))
+        add_adapter(model, AdapterConfig(rank=12))
     assert parameter_counts(model) == (8_945_664, 9_560_064 - 8_945_664)
 
 
 def test_adapter_round_trip(model, tmp_path):
-    add_para(model, AdapterConfig(rank=4, pool="input"))
+    add_adapter(model, AdapterConfig(rank=4, pool="input"))
     train(model, tmp_path)
     save_adapter(model, AdapterConfig(rank=4, pool="input"), tmp_path / "a.pt")
     ids = torch.tensor([[5, 11, 12, 13, 14, 4]])
@@ -136,7 +136,7 @@ def test_adapter_refuses_another_base_and_damaged_files(tmp_path):
     write_checkpoint(tmp_path / "other", TINY_LLAMA, seed=1)           # same shapes, other weights
     write_checkpoint(tmp_path / "gemma", TINY_GEMMA)
     model = load_model(tmp_path / "base", device="cpu")
-    add_para(model, AdapterConfig(rank=4))
+    add_adapter(model, AdapterConfig(rank=4))
     save_adapter(model, AdapterConfig(rank=4), tmp_path / "a.pt")
     with pytest.raises(AdapterError, match="different weights"):
         load_adapter(load_model(tmp_path / "other", device="cpu"), tmp_path / "a.pt")
@@ -160,7 +160,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     def fresh():
         torch.manual_seed(0)
         m = load_model(tmp_path / "base", device="cpu")
-        add_para(m, AdapterConfig(rank=4))
+        add_adapter(m, AdapterConfig(rank=4))
         return m
 
     whole = fresh()
@@ -179,7 +179,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_sigterm_writes_a_checkpoint_and_stops(tmp_path):
     write_checkpoint(tmp_path / "base", TINY_LLAMA)
     model = load_model(tmp_path / "base", device="cpu")
-    add_para(model, AdapterConfig(rank=4))
+    add_adapter(model, AdapterConfig(rank=4))
     params = mark_only_adapter_trainable(model)
     trainer = Trainer(model, params, task_examples(), [], TrainConfig(batch_size=8, log_every=100), 0,
                       tmp_path / "ckpt.resume", save_best=lambda: None, log=lambda m: None)
@@ -203,7 +203,7 @@ def test_mixed_adapter_batch_equals_each_alone(tmp_path):
     for i, (rank, pool) in enumerate([(4, "norm"), (2, "norm")]):
         m = load_model(tmp_path / "base", device="cpu")
         torch.manual_seed(i)
-        add_para(m, AdapterConfig(rank=rank, pool=pool))
+        add_adapter(m, AdapterConfig(rank=rank, pool=pool))
         train(m, tmp_path / f"t{i}", steps_config=TrainConfig(lr=3e-2, epochs=2, batch_size=8, seed=i, log_every=100))
         save_adapter(m, AdapterConfig(rank=rank, pool=pool), tmp_path / f"a{i}.pt")
         paths.append(tmp_path / f"a{i}.pt")
@@ -220,3 +220,61 @@ def test_mixed_adapter_batch_equals_each_alone(tmp_path):
     mixed = generate(server, prompts, 6, eos_ids=[], which=which).tokens
     assert mixed == alone
     assert alone[0] != generate(load_model(tmp_path / "base", device="cpu"), [prompts[0]], 6, eos_ids=[]).tokens[0]
+
+
+@pytest.mark.parametrize("method", ["ia3", "lora"])
+def test_baselines_start_as_the_base_model_and_train_only_themselves(model, tmp_path, method):
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        base = model(ids)
+        add_adapter(model, AdapterConfig(method, rank=4))
+        assert torch.equal(model(ids), base)
+    before = {n: p.clone() for n, p in model.named_parameters() if ".vg." not in n and ".lora." not in n}
+    train(model, tmp_path, steps_config=TrainConfig(lr=3e-2, epochs=2, batch_size=8, log_every=100))
+    for name, param in model.named_parameters():
+        if name in before:
+            assert torch.equal(param, before[name]), name
+    with torch.no_grad():
+        assert not torch.equal(model(ids), base)
+
+
+def test_lora_rank_is_sized_to_para():
+    config = ModelConfig(arch="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                         num_layers=32, num_heads=32)
+    assert lora_rank_matching(config, ("q", "v", "up")) == 9    # 9,068,544 parameters vs PARA's 9,560,064
+    with torch.device("meta"):
+        model = Transformer(config)
+        add_adapter(model, AdapterConfig("ia3"))
+    assert sum(p.numel() for n, p in model.named_parameters() if ".vg." in n) == 32 * (4096 * 2 + 11008)
+
+
+def test_mixed_batch_of_every_method_equals_each_alone(tmp_path):
+    write_checkpoint(tmp_path / "base", TINY_LLAMA)
+    paths = []
+    for i, config in enumerate([AdapterConfig("para", 4), AdapterConfig("ia3"),
+                                AdapterConfig("lora", 3, targets=("q", "v", "up"), alpha=6.0),
+                                AdapterConfig("lora", 2, targets=("k", "o", "down"))]):
+        m = load_model(tmp_path / "base", device="cpu")
+        torch.manual_seed(i)
+        add_adapter(m, config)
+        train(m, tmp_path / f"t{i}", steps_config=TrainConfig(lr=3e-2, epochs=2, batch_size=8, seed=i, log_every=100))
+        save_adapter(m, config, tmp_path / f"a{i}.pt")
+        paths.append(tmp_path / f"a{i}.pt")
+    prompts = [[5, 11, 12, 13, 14, 3], [5, 20, 21, 4], [5, 30, 31, 32, 3], [7, 8], [5, 9, 9, 4], [6, 3]]
+    which = [1, 2, 3, 0, 4, 3]
+    alone = []
+    for prompt, w in zip(prompts, which):
+        m = load_model(tmp_path / "base", device="cpu")
+        if w:
+            load_adapter(m, paths[w - 1])
+        alone.append(generate(m, [prompt], 6, eos_ids=[]))
+    server = load_model(tmp_path / "base", device="cpu")
+    install_bank(server, paths)
+    mixed = generate(server, prompts, 6, eos_ids=[], which=which).tokens
+    assert mixed == [a.tokens[0] for a in alone]
+    beams = beam_search(server, prompts, 4, eos_ids=[], num_beams=2, which=which).tokens
+    for prompt, w, tokens in zip(prompts, which, beams):
+        m = load_model(tmp_path / "base", device="cpu")
+        if w:
+            load_adapter(m, paths[w - 1])
+        assert beam_search(m, [prompt], 4, eos_ids=[], num_beams=2).tokens[0] == tokens
