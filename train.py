@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--targets", default=",".join(PARA_SITES),
                         help="LoRA: comma-separated projections among q,k,v,o,gate,up,down (default q,v,up)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA: updates scaled by alpha/rank (default alpha=rank)")
-    parser.add_argument("--pool", choices=POOLS, default="norm",
-                        help="pool the block's normalised input (norm) or its raw residual input (input)")
+    parser.add_argument("--pool", choices=POOLS, default="input",
+                        help="pool the raw residual input of each block (input, default: lower dev loss in our measurement) or its normalised form (norm)")
     parser.add_argument("--max-len", type=int, default=2048, help="longest example in tokens; longer ones are truncated")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")

@@ -31,7 +31,7 @@ PARA_SITES = ("q", "v", "up")   # what PARA's (and our (IA)^3's) vectors scale
 class AdapterConfig:
     method: str = "para"                   # para, ia3 or lora
     rank: int = 12                         # PARA: generator bottleneck r; LoRA: rank; (IA)^3: 0
-    pool: str = "norm"                     # PARA: pool the block's normalised input ("norm") or raw input ("input")
+    pool: str = "input"                    # PARA: pool the raw block input ("input", measured better) or its normalised form ("norm")
     targets: tuple[str, ...] = PARA_SITES  # LoRA: the projections it updates
     alpha: float | None = None             # LoRA: updates are scaled by alpha / rank (default alpha = rank)
 
