@@ -121,8 +121,12 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the sequences at `index` (beam search): rows are gathered, never recomputed."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        if len(index) == self.k.shape[1]:  # same batch size: move only the slots written so far
+            filled = slice(0, self.pos)
+            self.k[:, :, :, filled] = self.k[:, :, :, filled].index_select(1, index)
+            self.v[:, :, :, filled] = self.v[:, :, :, filled].index_select(1, index)
+        else:                              # a new batch size (each prompt becoming its beams)
+            self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
         self.valid = self.valid.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
         self.vectors = [None if v is None else v.index_select(0, index) for v in self.vectors]
