@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install weights demo test bench clean
+.PHONY: install weights demo test bench bench-methods clean
 
 install: $(STAMP)  ## create .venv with the pinned packages and this repo installed editable
 
@@ -24,7 +24,7 @@ demo: weights  ## answer a question, then PARA-train on data/demo_*.jsonl and sc
 	$(PY) generate.py --chat --max-new-tokens 8 --eval data/demo_test.jsonl
 	@echo "== PARA training (one epoch, 50 steps of 16 examples)"
 	$(PY) train.py --chat --data data/demo_train.jsonl --eval-data data/demo_dev.jsonl --epochs 1 \
-		--lr 2e-3 --eval-every 10 --out $(DEMO)/para.pt
+		--lr 1e-3 --eval-every 10 --out $(DEMO)/para.pt
 	@echo "== after training: base + adapter on the same test set"
 	$(PY) generate.py --chat --max-new-tokens 8 --adapter $(DEMO)/para.pt --eval data/demo_test.jsonl
 	@echo "== examples: base model and adapter requests mixed in one batch"
@@ -35,6 +35,9 @@ test: install  ## run the offline test suite
 
 bench: weights  ## prefill/decode speed of the default model on this machine
 	$(PY) bench/bench_decode.py
+
+bench-methods: weights  ## the paper's efficiency table: base, PARA, (IA)^3, LoRA; beams 1 and 3; multi-tenant batches
+	$(PY) bench/bench_methods.py
 
 clean:  ## remove the venv and caches (keeps the converted weights)
 	rm -rf $(VENV) .pytest_cache build *.egg-info

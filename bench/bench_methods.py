@@ -1,0 +1,139 @@
+"""The paper's efficiency table (its Table 4) on this machine: base model, PARA, (IA)^3 and
+unmerged LoRA, beam 1 and 3, a 274-token prompt and 32 new tokens; then multi-tenant serving:
+16 requests over 8 adapters of a method as one mixed batch, against one adapter at a time.
+
+    python bench/bench_methods.py [--model DIR] [--device cpu|cuda] [--runs 5]
+
+Each method runs in a fresh worker process, so that its peak memory (resident set on CPU,
+allocated GPU memory on CUDA) is its own. Adapters have random weights: speed does not depend
+on what they learned. Ratios are against the base model measured by the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import para  # noqa: E402
+from para.adapters import AdapterConfig, add_adapter, install_bank, load_adapter, lora_rank_matching, save_adapter  # noqa: E402
+from para.cli import add_model_args, model_dir, run_cli  # noqa: E402
+from para.generation import beam_search, generate  # noqa: E402
+
+METHODS = ("base", "para", "ia3", "lora")
+PROMPT_TOKENS, NEW_TOKENS = 274, 32
+TEXT = ("The history of the printing press begins in the fifteenth century, when movable metal type made "
+        "books cheap enough for ordinary readers. Within fifty years presses spread across Europe. ")
+
+
+def make_adapter(model, method: str, seed: int) -> Path:
+    """A trained-looking adapter file: the method's initialisation plus random noise."""
+    config = AdapterConfig("lora", lora_rank_matching(model.config, ("q", "v", "up"))) if method == "lora" \
+        else AdapterConfig(method)
+    torch.manual_seed(seed)
+    add_adapter(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".vg." in name or ".lora." in name:
+                p.add_(torch.randn_like(p) * 0.01)
+    path = Path(tempfile.mkdtemp()) / f"{method}-{seed}.pt"
+    save_adapter(model, config, path)
+    return path
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Measure one method; print one JSON object."""
+    folder = model_dir(args.model)
+    model, tokenizer = para.load(folder, args.device, args.dtype)
+    prompt = tokenizer.encode(TEXT * 20, add_special_tokens=False)[:PROMPT_TOKENS]
+    adapters = [make_adapter(model, args.worker, seed) for seed in range(8)] if args.worker != "base" else []
+    if adapters:
+        load_adapter(model, adapters[0])
+    result = {"method": args.worker}
+    for beams in (1, 3):
+        decode, end_to_end = [], []
+        for run in range(args.runs + 1):  # the first run warms up
+            if beams == 1:
+                r = generate(model, [prompt], NEW_TOKENS, eos_ids=[])
+            else:
+                r = beam_search(model, [prompt], NEW_TOKENS, eos_ids=[], num_beams=beams)
+            if run:
+                decode.append(r.decode_steps / r.decode_seconds)
+                end_to_end.append(NEW_TOKENS / (r.prefill_seconds + r.decode_seconds))
+        result[f"beam{beams}"] = {"decode": decode, "end_to_end": end_to_end}
+    result["peak_mb"] = peak_memory_mb(model.device)
+    if adapters:  # 16 requests over 8 adapters: one mixed batch, then one adapter at a time
+        prompts = [prompt[:PROMPT_TOKENS - 2 * i] for i in range(16)]   # different lengths, as in real traffic
+        owners = [i % 8 for i in range(16)]
+        install_bank(model, adapters)
+        start = time.perf_counter()
+        generate(model, prompts, NEW_TOKENS, eos_ids=[], which=[o + 1 for o in owners])
+        mixed = time.perf_counter() - start
+        start = time.perf_counter()
+        for a, path in enumerate(adapters):
+            load_adapter(model, path)
+            generate(model, [p for p, o in zip(prompts, owners) if o == a], NEW_TOKENS, eos_ids=[])
+        result["tenants"] = {"mixed_s": mixed, "one_at_a_time_s": time.perf_counter() - start,
+                             "tokens": 16 * NEW_TOKENS}
+    print(json.dumps(result))
+
+
+def median_spread(values: list[float]) -> str:
+    return f"{statistics.median(values):6.2f} ±{(max(values) - min(values)) / 2:5.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per setting (median and half-range shown)")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    model_dir(args.model)  # fetch the default model once, before the workers start
+    passed = [a for flag in ("model", "device", "dtype") if getattr(args, flag) for a in (f"--{flag}", str(getattr(args, flag)))]
+    rows = {}
+    for method in METHODS:
+        out = subprocess.run([sys.executable, __file__, "--worker", method, "--runs", str(args.runs), *passed],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"worker {method} failed:\n{out.stderr}")
+        rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompt {PROMPT_TOKENS} tokens, "
+          f"{NEW_TOKENS} new tokens, median ± half-range of {args.runs} runs")
+    print(f"{'method':<7} {'beam':>4} {'decode tok/s':>15} {'x base':>7} {'end-to-end tok/s':>18} {'x base':>7} {'peak MiB':>9}")
+    for beams in (1, 3):
+        base = rows["base"][f"beam{beams}"]
+        for method in METHODS:
+            r = rows[method][f"beam{beams}"]
+            print(f"{method:<7} {beams:>4} {median_spread(r['decode']):>15} "
+                  f"{statistics.median(r['decode']) / statistics.median(base['decode']):>7.3f} "
+                  f"{median_spread(r['end_to_end']):>18} "
+                  f"{statistics.median(r['end_to_end']) / statistics.median(base['end_to_end']):>7.3f} "
+                  f"{rows[method]['peak_mb']:>9.0f}")
+    print("\nmulti-tenant: 16 requests over 8 adapters, 32 new tokens each")
+    print(f"{'method':<7} {'mixed batch s':>14} {'tok/s':>7} {'one adapter at a time s':>24} {'tok/s':>7} {'speed-up':>9}")
+    for method in METHODS[1:]:
+        t = rows[method]["tenants"]
+        print(f"{method:<7} {t['mixed_s']:>14.2f} {t['tokens'] / t['mixed_s']:>7.1f} {t['one_at_a_time_s']:>24.2f} "
+              f"{t['tokens'] / t['one_at_a_time_s']:>7.1f} {t['one_at_a_time_s'] / t['mixed_s']:>8.2f}x")
+
+
+if __name__ == "__main__":
+    run_cli(main)
