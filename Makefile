@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install weights demo test bench bench-methods clean
+.PHONY: install weights demo test bench bench-methods bench-quality clean
 
 install: $(STAMP)  ## create .venv with the pinned packages and this repo installed editable
 
@@ -38,6 +38,10 @@ bench: weights  ## prefill/decode speed of the default model on this machine
 
 bench-methods: weights  ## the paper's efficiency table: base, PARA, (IA)^3, LoRA; beams 1 and 3; multi-tenant batches
 	$(PY) bench/bench_methods.py
+
+bench-quality: weights  ## PARA vs LoRA vs (IA)^3 on data/suite_*.jsonl, 3 seeds (about an hour on 2 cores), with a plot
+	$(PY) -m pip install -q matplotlib==3.11.2
+	$(PY) bench/bench_quality.py
 
 clean:  ## remove the venv and caches (keeps the converted weights)
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -131,6 +131,7 @@ def main() -> None:
             if as_json:
                 print(json.dumps({
                     "prompt": request.prompt, "adapter": request.adapter and str(request.adapter), "text": text,
+                    **({"reference": request.reference} if request.reference is not None else {}),
                     "prompt_tokens": len(prompt_ids), "new_tokens": len(tokens),
                     "prefill_tokens_per_s": round(result.prompt_tokens / max(result.prefill_seconds, 1e-9), 1),
                     "decode_tokens_per_s": round(decode_tokens / max(result.decode_seconds, 1e-9), 1),

@@ -1,0 +1,109 @@
+"""The paper's quality claim in miniature: PARA, LoRA and (IA)^3 trained on the same multi-task
+suite (data/suite_*.jsonl) at matched parameter counts (LoRA sized to PARA; (IA)^3 is what it
+is), several seeds each, dev-loss early stopping and the best checkpoint, as in the paper.
+Prints the median test exact match per task and method, and plots dev loss against steps.
+
+    python bench/bench_quality.py [--seeds 0 1 2] [--steps-per-epoch-examples ...]
+
+Scaled down to fit 2 CPU cores in about an hour: one epoch of 800 examples (50 steps of 16),
+dev evaluation every 10 steps (patience 10), lr 1e-3 for every method, answers of at most
+8 new tokens. Exact match here is strict (the stripped text equals the answer), since the
+suite's format tasks turn on case and brackets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("para", "lora", "ia3")
+DATA = ROOT / "data"
+
+
+def run(args: list[str]) -> str:
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        sys.exit(f"failed: {' '.join(args)}\n{out.stderr}")
+    return out.stdout
+
+
+def train_and_test(method: str, seed: int, out_dir: Path, lr: float) -> dict:
+    adapter = out_dir / f"{method}-{seed}.pt"
+    log = run(["train.py", "--method", method, "--seed", str(seed), "--chat", "--data", str(DATA / "suite_train.jsonl"),
+               "--eval-data", str(DATA / "suite_dev.jsonl"), "--epochs", "1", "--batch-size", "16",
+               "--micro-batch-size", "16", "--lr", str(lr), "--eval-every", "10", "--log-every", "50",
+               "--out", str(adapter)])
+    dev = [(int(m[1]), float(m[2])) for m in re.finditer(r"^step (\d+) \| dev loss ([\d.]+)", log, re.M)]
+    params = int(re.search(r"([\d,]+) trainable parameters", log)[1].replace(",", ""))
+    lines = run(["generate.py", "--chat", "--adapter", str(adapter), "--eval", str(DATA / "suite_test.jsonl"),
+                 "--max-new-tokens", "8", "--json"]).splitlines()
+    outputs = [json.loads(line) for line in lines if line.startswith("{")]
+    tasks = [json.loads(line)["task"] for line in (DATA / "suite_test.jsonl").read_text().splitlines() if line]
+    scores = defaultdict(list)
+    for task, output in zip(tasks, outputs):
+        scores[task].append(float(output["text"].strip() == output["reference"].strip()))
+    return {"dev": dev, "params": params, "scores": {t: sum(v) / len(v) for t, v in scores.items()}}
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (make bench-quality installs it)")
+        return
+    colors = {"para": "tab:blue", "lora": "tab:orange", "ia3": "tab:green"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (method, seed), r in sorted(results.items()):
+        steps, losses = zip(*r["dev"])
+        ax.plot(steps, losses, color=colors[method], alpha=0.8, label=method if seed == min(
+            s for m, s in results if m == method) else None)
+    ax.set_xlabel("optimizer step (16 examples)")
+    ax.set_ylabel("dev loss (response tokens)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M-Instruct, multi-task suite, one line per seed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
+    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "quality_dev_loss.png")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for seed in args.seeds:
+        for method in args.methods:
+            results[method, seed] = train_and_test(method, seed, args.out, args.lr)
+            r = results[method, seed]
+            print(f"{method} seed {seed}: {r['params']:,} params, best dev loss {min(l for _, l in r['dev']):.4f}, "
+                  + ", ".join(f"{t} {s:.3f}" for t, s in sorted(r["scores"].items())), flush=True)
+    (args.out / "results.json").write_text(json.dumps({f"{m}-{s}": r for (m, s), r in results.items()}, indent=1))
+    tasks = sorted(next(iter(results.values()))["scores"])
+    print(f"\nmedian test exact match over seeds {args.seeds}")
+    print(f"| method | params | " + " | ".join(tasks) + " | mean |")
+    print("| --- | --- | " + " | ".join("---" for _ in tasks) + " | --- |")
+    for method in args.methods:
+        runs = [results[method, s] for s in args.seeds]
+        medians = [statistics.median(r["scores"][t] for r in runs) for t in tasks]
+        print(f"| {method} | {runs[0]['params']:,} | " + " | ".join(f"{m:.3f}" for m in medians)
+              + f" | {sum(medians) / len(medians):.3f} |")
+    plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
