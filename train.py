@@ -22,6 +22,7 @@ from para.adapters import (METHODS, PARA_SITES, POOLS, AdapterConfig, add_adapte
 from para.model import projection_shapes
 from para.cli import add_model_args, model_dir, run_cli
 from para.data import read_examples
+from para.distributed import World, close_world, init_world
 from para.errors import UserError
 from para.trainer import TrainConfig, Trainer
 
@@ -99,13 +100,28 @@ def main() -> None:
     args = parse_args()
     if args.out.suffix == ".resume":
         raise UserError(f"--out {args.out}: pick a name not ending in .resume (that is the checkpoint's)")
+    world = init_world(args.device)  # one process, or one of torchrun's
+    try:
+        train(args, world)
+    finally:
+        close_world(world)
+
+
+def train(args: argparse.Namespace, world: World) -> None:
+    def log(message: str) -> None:  # rank 0 alone speaks
+        if world.is_main:
+            print(message, flush=True)
+
+    if world.is_main:
+        model_dir(args.model)  # fetch the default model once, before the other ranks look for it
+    world.barrier()
     folder = model_dir(args.model)
-    model, tokenizer = para.load(folder, args.device, args.dtype)
+    model, tokenizer = para.load(folder, world.device(args.device), args.dtype)
     examples, truncated = read_examples(args.data, tokenizer, args.chat, args.max_len)
     if args.eval_data:
-        train, dev = examples, read_examples(args.eval_data, tokenizer, args.chat, args.max_len)[0]
+        train_set, dev = examples, read_examples(args.eval_data, tokenizer, args.chat, args.max_len)[0]
     else:
-        train, dev = split_dev(examples, args.dev_fraction, args.seed)
+        train_set, dev = split_dev(examples, args.dev_fraction, args.seed)
 
     torch.manual_seed(args.seed)
     adapter = adapter_config(args, model.config)
@@ -122,9 +138,10 @@ def main() -> None:
                                                                "step": trainer.state.step}})
 
     checkpoint = args.out.with_name(args.out.name + ".resume")
-    trainer = Trainer(model, params, train, dev, config, tokenizer.pad_id or 0, checkpoint, save_best, log=log)
-    log(f"model {folder} ({model.config.arch}, {model.config.num_layers} layers) on {model.device}, {model.dtype}")
-    log(f"data {len(train)} train / {len(dev)} dev examples, {truncated} truncated to {args.max_len} tokens "
+    trainer = Trainer(model, params, train_set, dev, config, tokenizer.pad_id or 0, checkpoint, save_best, log, world)
+    log(f"model {folder} ({model.config.arch}, {model.config.num_layers} layers) on {model.device}, {model.dtype}"
+        + (f", {world.size} data-parallel ranks" if world.size > 1 else ""))
+    log(f"data {len(train_set)} train / {len(dev)} dev examples, {truncated} truncated to {args.max_len} tokens "
         "(prompt cut from its start, response from its end)")
     weights, biases = parameter_counts(model)
     split = f" = {weights:,} weights + {biases:,} biases" if adapter.method == "para" else ""
@@ -135,13 +152,10 @@ def main() -> None:
     outcome = trainer.fit(resume=args.resume)
     if outcome == "stopped":
         sys.exit(130)
-    checkpoint.unlink(missing_ok=True)
+    if world.is_main:
+        checkpoint.unlink(missing_ok=True)
     best = f"best dev loss {trainer.state.best_dev_loss:.4f} at step {trainer.state.best_step}" if dev else "no dev set"
     log(f"wrote {args.out} ({best})")
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 if __name__ == "__main__":

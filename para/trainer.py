@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from para.adapters import atomic_save
 from para.data import IGNORE, Batch, Example, collate
+from para.distributed import World
 from para.errors import UserError
 from para.model import Transformer
 
@@ -71,8 +72,9 @@ def loss_sum(model: Transformer, batch: Batch) -> tuple[torch.Tensor, int]:
 class Trainer:
     def __init__(self, model: Transformer, params: list[torch.nn.Parameter], train: list[Example],
                  dev: list[Example], config: TrainConfig, pad_id: int, checkpoint_path: Path,
-                 save_best: Callable[[], None], log: Callable[[str], None] = print):
+                 save_best: Callable[[], None], log: Callable[[str], None] = print, world: World | None = None):
         self.model, self.params, self.train, self.dev = model, params, train, dev
+        self.world = world or World()
         self.config, self.pad_id, self.checkpoint_path, self.save_best, self.log = \
             config, pad_id, checkpoint_path, save_best, log
         self.batch_size = config.batch_size_for(len(train))
@@ -87,36 +89,42 @@ class Trainer:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def batch_examples(self, step: int) -> list[Example]:
+        """This rank's share of the examples of optimizer step `step` (all of them in one process)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.config.seed + epoch))
-        return [self.train[i] for i in order[index * self.batch_size:(index + 1) * self.batch_size].tolist()]
+        batch = order[index * self.batch_size:(index + 1) * self.batch_size].tolist()
+        return [self.train[i] for i in batch[self.world.rank::self.world.size]]
 
     def train_step(self, step: int) -> tuple[float, int]:
         """One optimizer step over a batch, in micro-batches; returns (mean loss, tokens seen)."""
         examples = self.batch_examples(step)
         micro = [collate(examples[i:i + self.config.micro_batch_size], self.pad_id).to(self.device)
                  for i in range(0, len(examples), self.config.micro_batch_size)]
-        targets = sum(b.target_tokens for b in micro)
+        targets = self.world.sum([sum(b.target_tokens for b in micro)])[0]  # over the whole batch
         total = 0.0
         for batch in micro:
             with self.autocast():
                 loss, _ = loss_sum(self.model, batch)
             (loss / targets).backward()  # the mean over every response token of the batch
             total += loss.item()
+        self.world.sum_gradients(self.params)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, self.total_steps, self.config)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / targets, sum(int(b.attention_mask.sum()) for b in micro)
+        total, tokens = self.world.sum([total, sum(int(b.attention_mask.sum()) for b in micro)])
+        return total / targets, int(tokens)
 
     @torch.no_grad()
     def dev_loss(self) -> float:
         total, count = 0.0, 0
-        for i in range(0, len(self.dev), self.config.micro_batch_size):
-            batch = collate(self.dev[i:i + self.config.micro_batch_size], self.pad_id).to(self.device)
+        shard = self.dev[self.world.rank::self.world.size]
+        for i in range(0, len(shard), self.config.micro_batch_size):
+            batch = collate(shard[i:i + self.config.micro_batch_size], self.pad_id).to(self.device)
             with self.autocast():
                 loss, n = loss_sum(self.model, batch)
             total, count = total + loss.item(), count + n
+        total, count = self.world.sum([total, count])
         return total / count
 
     def evaluate(self) -> bool:
@@ -126,13 +134,16 @@ class Trainer:
         state.history.append((state.step, loss))
         if loss < state.best_dev_loss:
             state.best_dev_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
-            self.save_best()
+            if self.world.is_main:
+                self.save_best()
         else:
             state.evals_without_improvement += 1
         self.log(f"step {state.step} | dev loss {loss:.4f} | best {state.best_dev_loss:.4f} at step {state.best_step}")
         return state.evals_without_improvement >= self.config.patience
 
     def save_checkpoint(self) -> None:
+        if not self.world.is_main:
+            return
         atomic_save({"state": asdict(self.state), "optimizer": self.optimizer.state_dict(),
                      "params": [p.detach().cpu() for p in self.params], "config": asdict(self.config),
                      "torch_rng": torch.get_rng_state()}, self.checkpoint_path)
@@ -191,11 +202,11 @@ class Trainer:
                     self.log(f"early stop: no lower dev loss in {config.patience} evaluations")
                     return "finished"
                 self.save_checkpoint()
-            if self.stop_requested or state.step == config.stop_after:
+            if self.world.any(self.stop_requested) or state.step == config.stop_after:
                 self.save_checkpoint()
                 self.log(f"stopped at step {state.step}; continue with --resume")
                 return "stopped"
-        if not self.dev:
+        if not self.dev and self.world.is_main:
             self.save_best()
         return "finished"
 
