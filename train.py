@@ -18,11 +18,11 @@ import torch
 
 import para
 from para.adapters import (METHODS, PARA_SITES, POOLS, AdapterConfig, add_adapter, lora_rank_matching,
-                           mark_only_adapter_trainable, parameter_counts, save_adapter)
+                           adapter_state, mark_only_adapter_trainable, parameter_counts, save_adapter)
 from para.model import projection_shapes
 from para.cli import add_model_args, model_dir, run_cli
 from para.data import read_examples
-from para.distributed import World, close_world, init_world
+from para.distributed import World, close_world, init_world, shard_blocks
 from para.errors import UserError
 from para.trainer import TrainConfig, Trainer
 
@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard each block's weights (frozen base included) across ranks with FSDP")
     parser.add_argument("--resume", action="store_true", help="continue from OUT.resume")
     parser.add_argument("--stop-after", type=int, default=None, help="write a resumable checkpoint and stop after N steps")
     args = parser.parse_args(argv)
@@ -126,6 +128,10 @@ def train(args: argparse.Namespace, world: World) -> None:
     torch.manual_seed(args.seed)
     adapter = adapter_config(args, model.config)
     add_adapter(model, adapter)
+    if args.fsdp:
+        if world.size == 1:
+            raise UserError("--fsdp shards the model across ranks: run train.py under torchrun with 2 or more processes")
+        shard_blocks(model, world)  # before the optimizer sees the parameters: FSDP replaces them
     params = mark_only_adapter_trainable(model)
     model.grad_checkpointing = args.grad_checkpointing
     trainable = sum(p.numel() for p in params)
@@ -134,13 +140,15 @@ def train(args: argparse.Namespace, world: World) -> None:
                          patience=args.patience, seed=args.seed, log_every=args.log_every, stop_after=args.stop_after)
 
     def save_best() -> None:
-        save_adapter(model, adapter, args.out, extra={"train": {"data": str(args.data), "chat": args.chat,
-                                                               "step": trainer.state.step}})
+        state = adapter_state(model)  # every rank takes part: under FSDP this gathers the shards
+        if world.is_main:
+            save_adapter(model, adapter, args.out, state=state,
+                         extra={"train": {"data": str(args.data), "chat": args.chat, "step": trainer.state.step}})
 
     checkpoint = args.out.with_name(args.out.name + ".resume")
     trainer = Trainer(model, params, train_set, dev, config, tokenizer.pad_id or 0, checkpoint, save_best, log, world)
     log(f"model {folder} ({model.config.arch}, {model.config.num_layers} layers) on {model.device}, {model.dtype}"
-        + (f", {world.size} data-parallel ranks" if world.size > 1 else ""))
+        + (f", {world.size} data-parallel ranks" if world.size > 1 else "") + (", blocks sharded (FSDP)" if args.fsdp else ""))
     log(f"data {len(train_set)} train / {len(dev)} dev examples, {truncated} truncated to {args.max_len} tokens "
         "(prompt cut from its start, response from its end)")
     weights, biases = parameter_counts(model)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from para.config import ModelConfig
+from para.distributed import full_tensor
 from para.errors import UserError
 from para.model import LoRA, Transformer, VectorGenerator, projection_shapes
 
@@ -95,7 +96,9 @@ def mark_only_adapter_trainable(model: Transformer) -> list[torch.nn.Parameter]:
 
 
 def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if is_adapter_parameter(name)}
+    """The adapter's tensors, whole (under FSDP every rank must call this: it gathers shards)."""
+    return {name: full_tensor(p.detach()).cpu().clone() for name, p in model.named_parameters()
+            if is_adapter_parameter(name)}
 
 
 def parameter_counts(model: Transformer) -> tuple[int, int]:
@@ -128,9 +131,11 @@ def atomic_save(obj: object, path: Path) -> None:
         raise
 
 
-def save_adapter(model: Transformer, config: AdapterConfig, path: Path, extra: dict | None = None) -> None:
+def save_adapter(model: Transformer, config: AdapterConfig, path: Path, extra: dict | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    state = adapter_state(model) if state is None else state
     atomic_save({"format": FORMAT, "version": VERSION, "config": asdict(config),
-                 "base": base_description(model), "state": adapter_state(model), **(extra or {})}, path)
+                 "base": base_description(model), "state": state, **(extra or {})}, path)
 
 
 def read_adapter(path: Path) -> dict:

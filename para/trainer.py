@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from para.adapters import atomic_save
 from para.data import IGNORE, Batch, Example, collate
@@ -105,7 +107,7 @@ class Trainer:
         for batch in micro:
             with self.autocast():
                 loss, _ = loss_sum(self.model, batch)
-            (loss / targets).backward()  # the mean over every response token of the batch
+            (loss * self.world.gradient_scale / targets).backward()  # the mean over the batch's response tokens
             total += loss.item()
         self.world.sum_gradients(self.params)
         for group in self.optimizer.param_groups:
@@ -134,19 +136,20 @@ class Trainer:
         state.history.append((state.step, loss))
         if loss < state.best_dev_loss:
             state.best_dev_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
-            if self.world.is_main:
-                self.save_best()
+            self.save_best()  # on every rank: under FSDP the adapter is gathered from all of them
         else:
             state.evals_without_improvement += 1
         self.log(f"step {state.step} | dev loss {loss:.4f} | best {state.best_dev_loss:.4f} at step {state.best_step}")
         return state.evals_without_improvement >= self.config.patience
 
     def save_checkpoint(self) -> None:
-        if not self.world.is_main:
-            return
-        atomic_save({"state": asdict(self.state), "optimizer": self.optimizer.state_dict(),
-                     "params": [p.detach().cpu() for p in self.params], "config": asdict(self.config),
-                     "torch_rng": torch.get_rng_state()}, self.checkpoint_path)
+        """Adapter and optimizer state, whole (gathered from FSDP shards), written by rank 0."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        params = get_model_state_dict(self.model, options=options)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        if self.world.is_main:
+            atomic_save({"state": asdict(self.state), "optimizer": optimizer, "params": params,
+                         "config": asdict(self.config), "torch_rng": torch.get_rng_state()}, self.checkpoint_path)
 
     def load_checkpoint(self) -> None:
         path = self.checkpoint_path
@@ -154,10 +157,9 @@ class Trainer:
             raise UserError(f"{path}: no checkpoint to resume from; start without --resume")
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            with torch.no_grad():
-                for p, value in zip(self.params, saved["params"], strict=True):
-                    p.copy_(value)
-            self.optimizer.load_state_dict(saved["optimizer"])
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.model, saved["params"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"], options=options)
         except Exception as e:
             raise UserError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {e}); "
                             "delete it to start over") from None
@@ -206,7 +208,7 @@ class Trainer:
                 self.save_checkpoint()
                 self.log(f"stopped at step {state.step}; continue with --resume")
                 return "stopped"
-        if not self.dev and self.world.is_main:
+        if not self.dev:
             self.save_best()
         return "finished"
 

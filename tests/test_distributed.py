@@ -47,27 +47,41 @@ def state(path):
     return torch.load(path, weights_only=True)["state"]
 
 
-def test_two_ranks_equal_one_process(setup):
+@pytest.fixture(scope="module")
+def one_process(setup):
     folder, common = setup
-    one = train([*common, "--out", str(folder / "one.pt")])
-    two = train([*common, "--out", str(folder / "two.pt")], ranks=2)
+    train([*common, "--out", str(folder / "one.pt")])
+    return state(folder / "one.pt")
+
+
+@pytest.mark.parametrize("extra", [[], ["--fsdp", "--grad-checkpointing"]], ids=["ddp", "fsdp-checkpointing"])
+def test_two_ranks_equal_one_process(setup, one_process, extra):
+    folder, common = setup
+    out = folder / f"two{len(extra)}.pt"
+    two = train([*common, *extra, "--out", str(out)], ranks=2)
     assert "2 data-parallel ranks" in two.stdout and two.stdout.count("wrote ") == 1   # rank 0 alone speaks
-    a, b = state(folder / "one.pt"), state(folder / "two.pt")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
-    assert any(not torch.equal(a[n], torch.ones_like(a[n])) for n in a if n.endswith("b_up"))   # it trained
+    b = state(out)
+    assert one_process.keys() == b.keys()
+    for name in b:
+        torch.testing.assert_close(b[name], one_process[name], atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(b[n], torch.ones_like(b[n])) for n in b if n.endswith("b_up"))   # it trained
 
 
-def test_interrupted_distributed_run_resumes(setup):
+@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_interrupted_distributed_run_resumes(setup, one_process, extra):
     folder, common = setup
-    args = [*common, "--out", str(folder / "resumed.pt")]
+    out = folder / f"resumed{len(extra)}.pt"
+    args = [*common, *extra, "--out", str(out)]
     stopped = train([*args, "--stop-after", "4"], ranks=2, check=False)
     assert stopped.returncode != 0 and "continue with --resume" in stopped.stdout
-    assert (folder / "resumed.pt.resume").exists()
-    train([*args, "--resume"], ranks=2)
-    whole = folder / "whole.pt"
-    train([*common, "--out", str(whole)], ranks=2)
-    a, b = state(whole), state(folder / "resumed.pt")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    assert out.with_name(out.name + ".resume").exists()
+    resumed = train([*args, "--resume"], ranks=2)
+    assert "at step 4" in resumed.stdout
+    for name, value in state(out).items():
+        torch.testing.assert_close(value, one_process[name], atol=1e-5, rtol=1e-4)
+
+
+def test_fsdp_needs_torchrun(setup):
+    folder, common = setup
+    proc = train([*common, "--fsdp", "--out", str(folder / "x.pt")], check=False)
+    assert proc.returncode == 2 and "under torchrun" in proc.stderr
