@@ -34,6 +34,18 @@ def run(args: list[str]) -> str:
     return out.stdout
 
 
+def test_scores(adapter: Path | None) -> dict[str, float]:
+    """Strict exact match per task on the test split, for an adapter or (None) the base model."""
+    lines = run(["generate.py", "--chat", *(["--adapter", str(adapter)] if adapter else []),
+                 "--eval", str(DATA / "suite_test.jsonl"), "--max-new-tokens", "8", "--json"]).splitlines()
+    outputs = [json.loads(line) for line in lines if line.startswith("{")]
+    tasks = [json.loads(line)["task"] for line in (DATA / "suite_test.jsonl").read_text().splitlines() if line]
+    scores = defaultdict(list)
+    for task, output in zip(tasks, outputs):
+        scores[task].append(float(output["text"].strip() == output["reference"].strip()))
+    return {t: sum(v) / len(v) for t, v in scores.items()}
+
+
 def train_and_test(method: str, seed: int, out_dir: Path, lr: float) -> dict:
     adapter = out_dir / f"{method}-{seed}.pt"
     log = run(["train.py", "--method", method, "--seed", str(seed), "--chat", "--data", str(DATA / "suite_train.jsonl"),
@@ -42,14 +54,7 @@ def train_and_test(method: str, seed: int, out_dir: Path, lr: float) -> dict:
                "--out", str(adapter)])
     dev = [(int(m[1]), float(m[2])) for m in re.finditer(r"^step (\d+) \| dev loss ([\d.]+)", log, re.M)]
     params = int(re.search(r"([\d,]+) trainable parameters", log)[1].replace(",", ""))
-    lines = run(["generate.py", "--chat", "--adapter", str(adapter), "--eval", str(DATA / "suite_test.jsonl"),
-                 "--max-new-tokens", "8", "--json"]).splitlines()
-    outputs = [json.loads(line) for line in lines if line.startswith("{")]
-    tasks = [json.loads(line)["task"] for line in (DATA / "suite_test.jsonl").read_text().splitlines() if line]
-    scores = defaultdict(list)
-    for task, output in zip(tasks, outputs):
-        scores[task].append(float(output["text"].strip() == output["reference"].strip()))
-    return {"dev": dev, "params": params, "scores": {t: sum(v) / len(v) for t, v in scores.items()}}
+    return {"dev": dev, "params": params, "scores": test_scores(adapter)}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -85,6 +90,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "quality_dev_loss.png")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    base = test_scores(None)
+    print("base: " + ", ".join(f"{t} {s:.3f}" for t, s in sorted(base.items())), flush=True)
     results = {}
     for seed in args.seeds:
         for method in args.methods:
@@ -92,11 +99,14 @@ def main() -> None:
             r = results[method, seed]
             print(f"{method} seed {seed}: {r['params']:,} params, best dev loss {min(l for _, l in r['dev']):.4f}, "
                   + ", ".join(f"{t} {s:.3f}" for t, s in sorted(r["scores"].items())), flush=True)
-    (args.out / "results.json").write_text(json.dumps({f"{m}-{s}": r for (m, s), r in results.items()}, indent=1))
+    (args.out / "results.json").write_text(json.dumps({"base": base, **{f"{m}-{s}": r for (m, s), r in results.items()}},
+                                                      indent=1))
     tasks = sorted(next(iter(results.values()))["scores"])
     print(f"\nmedian test exact match over seeds {args.seeds}")
     print(f"| method | params | " + " | ".join(tasks) + " | mean |")
     print("| --- | --- | " + " | ".join("---" for _ in tasks) + " | --- |")
+    print("| base (no adapter) | 0 | " + " | ".join(f"{base[t]:.3f}" for t in tasks)
+          + f" | {sum(base.values()) / len(base):.3f} |")
     for method in args.methods:
         runs = [results[method, s] for s in args.seeds]
         medians = [statistics.median(r["scores"][t] for r in runs) for t in tasks]
