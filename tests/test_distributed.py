@@ -1,5 +1,6 @@
-"""train.py under torchrun: 2 gloo ranks on CPU give the adapter one process gives, and an
-interrupted distributed run resumes to the same adapter."""
+"""train.py under torchrun: 2 gloo ranks on CPU give the adapter one process gives (float32, and
+a bfloat16 base with a float32 adapter), and an interrupted distributed run resumes to the
+same adapter."""
 
 import json
 import socket
@@ -65,6 +66,20 @@ def test_two_ranks_equal_one_process(setup, one_process, extra):
     for name in b:
         torch.testing.assert_close(b[name], one_process[name], atol=1e-5, rtol=1e-4)
     assert any(not torch.equal(b[n], torch.ones_like(b[n])) for n in b if n.endswith("b_up"))   # it trained
+
+
+@pytest.mark.parametrize("extra", [[], ["--fsdp", "--grad-checkpointing"]], ids=["ddp", "fsdp-checkpointing"])
+def test_mixed_precision_two_ranks_equal_one_process(setup, extra):
+    """A bfloat16 base with the adapter (and its optimizer) in float32, as on a GPU."""
+    folder, common = setup
+    common = [*common, "--dtype", "bfloat16", "--epochs", "1"]
+    train([*common, "--out", str(folder / "one-bf16.pt")])
+    out = folder / f"two-bf16-{len(extra)}.pt"
+    train([*common, *extra, "--out", str(out)], ranks=2)
+    a, b = state(folder / "one-bf16.pt"), state(out)
+    assert all(v.dtype == torch.float32 for v in b.values())
+    for name in b:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
