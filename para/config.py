@@ -22,7 +22,7 @@ class ModelConfig:
     num_heads: int = 32
     num_kv_heads: int | None = None     # < num_heads: grouped-query attention; 1: multi-query
     head_dim: int | None = None         # Gemma's 256 is not hidden_size / num_heads
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None    # {"rope_type": "linear" | "llama3", "factor": ..., ...}
     max_position_embeddings: int = 4096
@@ -52,17 +52,20 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> ModelConfig:
-        """Read a Hugging Face config.json dict; unsupported settings are errors, not surprises."""
+        """Read a Hugging Face config.json dict (transformers 4 or 5 layout), with Hugging Face's
+        defaults for absent keys; unsupported settings are errors, not surprises."""
         arch = hf.get("model_type")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(f"{source}: model_type {arch!r} is not supported "
                                   f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        gemma = arch == "gemma"
+        # Gemma: an explicit `hidden_activation` (Google's own configs; transformers 4.38-4.47
+        # read it) wins, otherwise `hidden_act` as transformers reads it since 4.48.
+        act = (gemma and hf.get("hidden_activation")) or hf.get("hidden_act") or (
+            "gelu_pytorch_tanh" if gemma else "silu")
+        act = "silu" if act == "swish" else act
+        rope_theta, rope_scaling = rope_settings(hf, source)
         try:
-            if arch == "gemma":
-                # Hugging Face runs Gemma with tanh-approximate GELU whatever `hidden_act` says.
-                act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
-            else:
-                act = hf.get("hidden_act", "silu")
             config = cls(
                 arch=arch,
                 vocab_size=hf["vocab_size"],
@@ -70,27 +73,27 @@ class ModelConfig:
                 intermediate_size=hf["intermediate_size"],
                 num_layers=hf["num_hidden_layers"],
                 num_heads=hf["num_attention_heads"],
-                num_kv_heads=hf.get("num_key_value_heads"),
-                head_dim=hf.get("head_dim"),
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-6 if arch == "gemma" else 1e-5),
-                rope_theta=hf.get("rope_theta", 10000.0),
-                rope_scaling=hf.get("rope_scaling"),
-                max_position_embeddings=hf.get("max_position_embeddings", 4096),
-                tie_word_embeddings=hf.get("tie_word_embeddings", arch == "gemma"),
+                num_kv_heads=hf.get("num_key_value_heads", 16 if gemma else None),
+                head_dim=hf.get("head_dim", 256 if gemma else None),
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
+                max_position_embeddings=hf.get("max_position_embeddings", 8192 if gemma else 2048),
+                tie_word_embeddings=hf.get("tie_word_embeddings", gemma),
                 attention_bias=hf.get("attention_bias", False),
-                mlp_bias=hf.get("mlp_bias", False),
+                mlp_bias=hf.get("mlp_bias", False) and not gemma,   # Gemma's MLP never has biases
                 hidden_act=act,
                 torch_dtype=hf.get("torch_dtype") or hf.get("dtype") or "float32",
             )
         except KeyError as missing:
             raise CheckpointError(f"{source}: missing required field {missing}") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {e}") from None
         if act not in ACTIVATIONS:
             raise CheckpointError(f"{source}: activation {act!r} is not supported "
                                   f"(supported: {', '.join(ACTIVATIONS)})")
-        rope_type = rope_scaling_type(config.rope_scaling)
-        if rope_type not in ("default", "linear", "llama3"):
-            raise CheckpointError(f"{source}: rope_scaling type {rope_type!r} is not supported "
-                                  "(supported: linear, llama3)")
+        if hf.get("use_bidirectional_attention"):
+            raise CheckpointError(f"{source}: use_bidirectional_attention is not supported (this is a causal decoder)")
         return config
 
     @classmethod
@@ -101,6 +104,32 @@ class ModelConfig:
             raise CheckpointError(f"{path}: not found; a checkpoint folder needs config.json") from None
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: not valid JSON ({e}); restore the file") from None
+
+
+ROPE_KEYS = {"linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_settings(hf: dict, source: str) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from transformers 5's `rope_parameters` or, failing that,
+    the older top-level `rope_theta` and `rope_scaling`."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope_scaling_type(params)
+    if kind not in ("default", *ROPE_KEYS):
+        raise CheckpointError(f"{source}: rope scaling type {kind!r} is not supported "
+                              f"(supported: {', '.join(ROPE_KEYS)})")
+    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"{source}: partial_rotary_factor is not supported (rotary over the whole head only)")
+    if kind == "default":
+        return theta, None
+    scaling = dict(params)
+    if kind == "llama3":  # as transformers 5 does, the original context defaults to the model's
+        scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    missing = [key for key in ROPE_KEYS[kind] if scaling.get(key) is None]
+    if missing:
+        raise CheckpointError(f"{source}: {kind} rope scaling lacks {', '.join(missing)}")
+    return theta, scaling
 
 
 def rope_scaling_type(rope_scaling: dict | None) -> str:

@@ -28,9 +28,9 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     hidden, ffn, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
     gemma = cfg["model_type"] == "gemma"
+    kv_heads = cfg.get("num_key_value_heads", 16 if gemma else None) or heads
+    head_dim = cfg.get("head_dim", 256 if gemma else None) or hidden // heads
 
     def rand(*shape, scale=0.1):
         return torch.randn(*shape, generator=g) * scale
@@ -55,6 +55,8 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
                 w[p + f"self_attn.{name}_proj.bias"] = rand(shape[0])
         for name, shape in {"gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}.items():
             w[p + f"mlp.{name}_proj.weight"] = rand(*shape, scale=shape[1] ** -0.5)
+            if cfg.get("mlp_bias") and not gemma:  # Hugging Face's Gemma MLP never has biases
+                w[p + f"mlp.{name}_proj.bias"] = rand(shape[0])
     return w
 
 

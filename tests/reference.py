@@ -8,18 +8,25 @@ import math
 import torch
 
 
+def hf_head_dim(cfg: dict) -> int:
+    """GemmaConfig defaults head_dim to 256; LlamaConfig derives it when absent or null."""
+    default = 256 if cfg["model_type"] == "gemma" else None
+    return cfg.get("head_dim", default) or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
 def hf_rope_inv_freq(cfg: dict) -> torch.Tensor:
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    base = cfg.get("rope_theta", 10000.0)
+    head_dim = hf_head_dim(cfg)
+    # transformers 5 writes `rope_parameters` (theta inside); 4.x wrote rope_theta and rope_scaling.
+    scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    base = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    scaling = cfg.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":  # _compute_llama3_parameters
         factor = scaling["factor"]
         low_freq_factor, high_freq_factor = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_context_len = scaling["original_max_position_embeddings"]
+        old_context_len = scaling.get("original_max_position_embeddings", cfg.get("max_position_embeddings"))
         low_freq_wavelen = old_context_len / low_freq_factor
         high_freq_wavelen = old_context_len / high_freq_factor
         wavelen = 2 * math.pi / inv_freq
@@ -38,8 +45,8 @@ def reference_logits(cfg: dict, weights: dict[str, torch.Tensor], input_ids: tor
     gemma = cfg["model_type"] == "gemma"
     w = weights
     n_heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
-    n_kv = cfg.get("num_key_value_heads") or n_heads
-    head_dim = cfg.get("head_dim") or hidden // n_heads
+    n_kv = cfg.get("num_key_value_heads", 16 if gemma else None) or n_heads
+    head_dim = hf_head_dim(cfg)
     eps = cfg.get("rms_norm_eps", 1e-6)
     B, T = input_ids.shape
     if attention_mask is None:
@@ -68,8 +75,10 @@ def reference_logits(cfg: dict, weights: dict[str, torch.Tensor], input_ids: tor
         x2 = x[..., x.shape[-1] // 2:]
         return torch.cat((-x2, x1), dim=-1)
 
-    if gemma or cfg.get("hidden_activation"):
-        act_name = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
+    # transformers >= 4.48 reads hidden_act for Gemma too (default tanh GELU); Google's own Gemma
+    # configs also carry hidden_activation, which 4.38-4.47 read and which says what they mean.
+    if gemma:
+        act_name = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
     else:
         act_name = cfg.get("hidden_act", "silu")
     act = {"silu": torch.nn.functional.silu,

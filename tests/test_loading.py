@@ -56,7 +56,19 @@ def test_unsupported_model_type(tmp_path):
 
 def test_unsupported_rope_scaling(tmp_path):
     write_checkpoint(tmp_path, hf_config(TINY_LLAMA, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
-    assert "rope_scaling type 'yarn'" in error_of(tmp_path)
+    assert "rope scaling type 'yarn'" in error_of(tmp_path)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 rope scaling lacks low_freq_factor"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor is not supported"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, "rope scaling type 'dynamic'"),
+    ({"model_type": "gemma", "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+], ids=["llama3-incomplete", "partial-rotary", "v5-dynamic", "bidirectional"])
+def test_unsupported_settings_are_errors(tmp_path, change, expected):
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(TINY_LLAMA, **change)))
+    message = error_of(tmp_path)
+    assert expected in message and "config.json" in message
 
 
 def test_truncated_file(tmp_path):

@@ -19,8 +19,15 @@ VARIANTS = {
     "llama-head-dim": hf_config(TINY_LLAMA, head_dim=12),
     "llama-rope-linear": hf_config(TINY_LLAMA, rope_scaling={"type": "linear", "factor": 4.0}),
     "llama-rope-llama3": hf_config(TINY_LLAMA, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+    "llama-mlp-bias": hf_config(TINY_LLAMA, mlp_bias=True, attention_bias=True),
+    # transformers 5 layout: theta and scaling inside rope_parameters, no top-level keys
+    "llama-rope-parameters": {**{k: v for k, v in TINY_LLAMA.items() if k != "rope_theta"},
+                              "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}},
+    "llama-defaults": {k: v for k, v in TINY_LLAMA.items() if k not in ("rms_norm_eps", "rope_theta")},
     "gemma": TINY_GEMMA,
     "gemma-gqa": hf_config(TINY_GEMMA, num_key_value_heads=2),
+    "gemma-v5": {**{k: v for k, v in TINY_GEMMA.items() if k not in ("hidden_activation", "rope_theta")},
+                 "hidden_act": "gelu_pytorch_tanh", "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
 }
 
 
@@ -105,11 +112,28 @@ def test_gemma_embedding_scale_is_rounded_to_activation_dtype(tmp_path):
 
 
 def test_gemma_config_quirks():
-    config = ModelConfig.from_hf(hf_config(TINY_GEMMA, hidden_activation=None))
-    assert config.hidden_act == "gelu_pytorch_tanh"   # HF ignores Gemma's hidden_act "gelu"
+    config = ModelConfig.from_hf(TINY_GEMMA)
+    assert config.hidden_act == "gelu_pytorch_tanh"   # Google's hidden_activation wins over hidden_act "gelu"
     assert config.tie_word_embeddings                 # Gemma ties by default
     assert config.head_dim == 16 and config.q_width == 64 != config.hidden_size
     assert config.kv_width == 16                      # multi-query
+    # transformers >= 4.48: hidden_act when hidden_activation is absent, tanh GELU when both are
+    assert ModelConfig.from_hf(hf_config(TINY_GEMMA, hidden_activation=None)).hidden_act == "gelu"
+    bare = {k: v for k, v in TINY_GEMMA.items() if k not in ("hidden_act", "hidden_activation", "head_dim",
+                                                               "num_key_value_heads")}
+    config = ModelConfig.from_hf(hf_config(bare, mlp_bias=True, num_attention_heads=16))
+    assert config.hidden_act == "gelu_pytorch_tanh" and not config.mlp_bias   # HF's Gemma MLP has no biases
+    assert (config.head_dim, config.num_kv_heads) == (256, 16)               # GemmaConfig's defaults
+
+
+def test_llama_config_defaults():
+    config = ModelConfig.from_hf({k: v for k, v in TINY_LLAMA.items() if k not in ("rms_norm_eps", "hidden_act")})
+    assert config.rms_norm_eps == 1e-6 and config.hidden_act == "silu" and not config.tie_word_embeddings
+    assert ModelConfig.from_hf(hf_config(TINY_LLAMA, hidden_act="swish")).hidden_act == "silu"
+    v5 = ModelConfig.from_hf(hf_config(TINY_LLAMA, rope_parameters={"rope_type": "llama3", "factor": 8.0,
+                                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                    "rope_theta": 5e5}))
+    assert v5.rope_theta == 5e5 and v5.rope_scaling["original_max_position_embeddings"] == 128
 
 
 def test_tied_model_has_no_output_matrix(tmp_path):
