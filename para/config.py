@@ -128,7 +128,8 @@ def rope_settings(hf: dict, source: str) -> tuple[float, dict | None]:
         scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
     missing = [key for key in ROPE_KEYS[kind] if scaling.get(key) is None]
     if missing:
-        raise CheckpointError(f"{source}: {kind} rope scaling lacks {', '.join(missing)}")
+        raise CheckpointError(f"{source}: {kind} rope scaling lacks {', '.join(missing)}; "
+                              "copy them from the model's original config.json")
     return theta, scaling
 
 
