@@ -68,15 +68,23 @@ def test_two_ranks_equal_one_process(setup, one_process, extra):
     assert any(not torch.equal(b[n], torch.ones_like(b[n])) for n in b if n.endswith("b_up"))   # it trained
 
 
+BF16 = ["--dtype", "bfloat16", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def one_process_bf16(setup):
+    folder, common = setup
+    train([*common, *BF16, "--out", str(folder / "one-bf16.pt")])
+    return state(folder / "one-bf16.pt")
+
+
 @pytest.mark.parametrize("extra", [[], ["--fsdp", "--grad-checkpointing"]], ids=["ddp", "fsdp-checkpointing"])
-def test_mixed_precision_two_ranks_equal_one_process(setup, extra):
+def test_mixed_precision_two_ranks_equal_one_process(setup, one_process_bf16, extra):
     """A bfloat16 base with the adapter (and its optimizer) in float32, as on a GPU."""
     folder, common = setup
-    common = [*common, "--dtype", "bfloat16", "--epochs", "1"]
-    train([*common, "--out", str(folder / "one-bf16.pt")])
     out = folder / f"two-bf16-{len(extra)}.pt"
-    train([*common, *extra, "--out", str(out)], ranks=2)
-    a, b = state(folder / "one-bf16.pt"), state(out)
+    train([*common, *BF16, *extra, "--out", str(out)], ranks=2)
+    a, b = one_process_bf16, state(out)
     assert all(v.dtype == torch.float32 for v in b.values())
     for name in b:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
