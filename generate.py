@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import para
-from para.adapters import install_bank, load_adapter
-from para.cli import add_model_args, model_dir, read_jsonl, run_cli, string_field
+from para.adapter_files import install_bank, load_adapter
+from para.cli import add_model_args, model_dir, run_cli
 from para.data import prompt_and_response
 from para.errors import UserError
+from para.files import read_jsonl, string_field
 from para.generation import Generation, Sampling, beam_search, generate
 from para.metrics import score
 
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", type=Path, help="a PARA adapter file (from train.py) for every prompt "
                         "that names none")
     parser.add_argument("--requests", type=Path, help='JSONL, one {"prompt": ..., "adapter": PATH or null} per '
-                        "line: one mixed batch, one JSON result per line, in order")
+                        "line: mixed batches of --batch-size (each row with its own adapter), one JSON result per line, in order")
     parser.add_argument("--eval", type=Path, help="JSONL with prompt and response (as for train.py): "
                         "score the generations (exact match, accuracy, token F1)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 import para
-from para.adapters import (METHODS, PARA_SITES, POOLS, AdapterConfig, add_adapter, lora_rank_matching,
-                           adapter_state, mark_only_adapter_trainable, parameter_counts, save_adapter)
-from para.model import projection_shapes
+from para.adapter_files import save_adapter
+from para.adapters import (DEFAULT_TARGETS, METHODS, POOLS, AdapterConfig, add_adapter, adapter_state,
+                           lora_rank_matching, mark_only_adapter_trainable, parameter_counts)
+from para.baselines import SITES
 from para.cli import add_model_args, model_dir, run_cli
 from para.data import read_examples
 from para.distributed import World, close_world, init_world, shard_blocks
@@ -36,14 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("para.pt"), help="the adapter file (best dev loss)")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     parser.add_argument("--method", choices=METHODS, default="para",
-                        help="para (default); lora and ia3 are baselines on the same sites (Q, V, Up)")
+                        help="para (default), or a baseline: lora (unmerged) or ia3")
     parser.add_argument("--rank", type=int, default=None,
                         help="PARA: generator bottleneck r (default 12); LoRA: rank (default: PARA's parameter count)")
-    parser.add_argument("--targets", default=",".join(PARA_SITES),
-                        help="LoRA: comma-separated projections among q,k,v,o,gate,up,down (default q,v,up)")
+    parser.add_argument("--targets", default=None,
+                        help=f"baselines: comma-separated projections among {','.join(SITES)} (default: "
+                        f"{','.join(DEFAULT_TARGETS['lora'])} for lora, PARA's sites; {','.join(DEFAULT_TARGETS['ia3'])} "
+                        "for ia3, the published (IA)^3: K, V and the FFN intermediate, the input of down)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA: updates scaled by alpha/rank (default alpha=rank)")
-    parser.add_argument("--pool", choices=POOLS, default="input",
-                        help="pool the raw residual input of each block (input, default: lower dev loss in our measurement) or its normalised form (norm)")
+    parser.add_argument("--pool", choices=POOLS, default=AdapterConfig.pool,
+                        help="PARA pools the raw residual input of each block (input, the default: lower dev loss "
+                        "in our measurement) or its normalised form (norm)")
     parser.add_argument("--max-len", type=int, default=2048, help="longest example in tokens; longer ones are truncated")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
@@ -71,22 +75,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def adapter_config(args: argparse.Namespace, config) -> AdapterConfig:
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    unknown = [t for t in targets if t not in projection_shapes(config)]
-    if unknown or not targets:
-        raise UserError(f"--targets {args.targets!r}: choose from {', '.join(projection_shapes(config))}")
+    targets = None
+    if args.targets is not None:
+        if args.method == "para":
+            raise UserError("--targets is for the baselines (--method lora or ia3); PARA scales q,v,up")
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+        if not targets or any(t not in SITES for t in targets):
+            raise UserError(f"--targets {args.targets!r}: choose from {','.join(SITES)}")
     if args.method == "lora":
+        targets = targets or DEFAULT_TARGETS["lora"]
         rank = args.rank or lora_rank_matching(config, targets)
         return AdapterConfig("lora", rank, targets=targets, alpha=args.lora_alpha)
-    return AdapterConfig(args.method, args.rank or 12, args.pool)
-
-
-def describe(adapter: AdapterConfig) -> str:
-    if adapter.method == "lora":
-        return f"LoRA r={adapter.rank} on {','.join(adapter.targets)} (unmerged)"
-    if adapter.method == "ia3":
-        return "(IA)^3 vectors on q,v,up"
-    return f"PARA r={adapter.rank}, pool={adapter.pool}"
+    return AdapterConfig(args.method, args.rank or AdapterConfig.rank, args.pool, targets)
 
 
 def split_dev(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -153,7 +153,7 @@ def train(args: argparse.Namespace, world: World) -> None:
         "(prompt cut from its start, response from its end)")
     weights, biases = parameter_counts(model)
     split = f" = {weights:,} weights + {biases:,} biases" if adapter.method == "para" else ""
-    log(f"{describe(adapter)}: {trainable:,} trainable parameters{split} "
+    log(f"{adapter.describe()}: {trainable:,} trainable parameters{split} "
         f"({trainable / sum(p.numel() for p in model.parameters()):.3%} of all)")
     log(f"{trainer.total_steps} steps: {config.epochs} epochs x {trainer.steps_per_epoch} steps of "
         f"{trainer.batch_size} examples, lr {config.lr}, warm-up {config.warmup:.0%}")

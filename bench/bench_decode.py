@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import NEW_TOKENS, load_with_prompt
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import para  # noqa: E402
-from para.cli import add_model_args, model_dir, run_cli  # noqa: E402
-from para.generation import beam_search, generate  # noqa: E402
-
-PROMPT_TOKENS, NEW_TOKENS = 274, 32
-TEXT = ("The history of the printing press begins in the fifteenth century, when movable metal type made "
-        "books cheap enough for ordinary readers. Within fifty years presses spread across Europe, and "
-        "the number of printed books grew from thousands to millions. ")
+from para.cli import add_model_args, run_cli
+from para.generation import beam_search, generate
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:
@@ -48,8 +39,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repetitions; the median is reported")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
-    model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
-    ids = tokenizer.encode(TEXT * 20, add_special_tokens=False)[:PROMPT_TOKENS]
+    model, _, ids = load_with_prompt(args)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(model.device)
     print(f"device {model.device}, dtype {model.dtype}, threads {torch.get_num_threads()}, "

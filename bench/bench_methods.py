@@ -23,29 +23,32 @@ import time
 from pathlib import Path
 
 import torch
+from common import NEW_TOKENS, PROMPT_TOKENS, load_with_prompt
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import para  # noqa: E402
-from para.adapters import AdapterConfig, add_adapter, install_bank, load_adapter, lora_rank_matching, save_adapter  # noqa: E402
-from para.cli import add_model_args, model_dir, run_cli  # noqa: E402
-from para.generation import beam_search, generate  # noqa: E402
+from para.adapter_files import install_bank, load_adapter, save_adapter
+from para.adapters import DEFAULT_TARGETS, AdapterConfig, add_adapter, is_adapter_parameter, lora_rank_matching
+from para.cli import add_model_args, model_dir, run_cli
+from para.generation import beam_search, generate
 
 METHODS = ("base", "para", "ia3", "lora")
-PROMPT_TOKENS, NEW_TOKENS = 274, 32
-TEXT = ("The history of the printing press begins in the fifteenth century, when movable metal type made "
-        "books cheap enough for ordinary readers. Within fifty years presses spread across Europe. ")
+
+
+def adapter_config(model, method: str) -> AdapterConfig:
+    """Each method with train.py's defaults: LoRA on PARA's sites, sized to PARA's parameter
+    count; (IA)^3 on its published sites (K, V, the FFN intermediate)."""
+    if method == "lora":
+        return AdapterConfig("lora", lora_rank_matching(model.config, DEFAULT_TARGETS["lora"]))
+    return AdapterConfig(method)
 
 
 def make_adapter(model, method: str, seed: int) -> Path:
     """A trained-looking adapter file: the method's initialisation plus random noise."""
-    config = AdapterConfig("lora", lora_rank_matching(model.config, ("q", "v", "up"))) if method == "lora" \
-        else AdapterConfig(method)
+    config = adapter_config(model, method)
     torch.manual_seed(seed)
     add_adapter(model, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".vg." in name or ".lora." in name:
+            if is_adapter_parameter(name):
                 p.add_(torch.randn_like(p) * 0.01)
     path = Path(tempfile.mkdtemp()) / f"{method}-{seed}.pt"
     save_adapter(model, config, path)
@@ -60,13 +63,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def worker(args: argparse.Namespace) -> None:
     """Measure one method; print one JSON object."""
-    folder = model_dir(args.model)
-    model, tokenizer = para.load(folder, args.device, args.dtype)
-    prompt = tokenizer.encode(TEXT * 20, add_special_tokens=False)[:PROMPT_TOKENS]
+    model, _, prompt = load_with_prompt(args)
     adapters = [make_adapter(model, args.worker, seed) for seed in range(8)] if args.worker != "base" else []
     if adapters:
         load_adapter(model, adapters[0])
-    result = {"method": args.worker}
+    result = {"method": args.worker,
+              "adapter": adapter_config(model, args.worker).describe() if adapters else "no adapter"}
     for beams in (1, 3):
         decode, end_to_end = [], []
         for run in range(args.runs + 1):  # the first run warms up
@@ -123,6 +125,8 @@ def main() -> None:
         rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompt {PROMPT_TOKENS} tokens, "
           f"{NEW_TOKENS} new tokens, median ± half-range of {args.runs} runs")
+    for method in METHODS:
+        print(f"  {method}: {rows[method]['adapter']}")
     print(f"{'method':<7} {'beam':>4} {'decode tok/s':>15} {'x base':>7} {'end-to-end tok/s':>18} {'x base':>7} {'peak MiB':>9}")
     for beams in (1, 3):
         base = rows["base"][f"beam{beams}"]

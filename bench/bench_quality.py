@@ -1,9 +1,11 @@
 """The paper's quality claim in miniature: PARA, LoRA and (IA)^3 trained on the same multi-task
 suite (data/suite_*.jsonl) at matched parameter counts (LoRA sized to PARA; (IA)^3 is what it
 is), several seeds each, dev-loss early stopping and the best checkpoint, as in the paper.
+Each baseline runs with train.py's defaults: LoRA on PARA's sites (Q, V, Up), (IA)^3 on its
+published sites (K, V, the FFN intermediate); the table names the sites each one used.
 Prints the median test exact match per task and method, and plots dev loss against steps.
 
-    python bench/bench_quality.py [--seeds 0 1 2] [--steps-per-epoch-examples ...]
+    python bench/bench_quality.py [--seeds 0 1 2] [--methods para lora ia3] [--lr 1e-3] [--out DIR] [--plot PNG]
 
 Scaled down to fit 2 CPU cores in about an hour: one epoch of 800 examples (50 steps of 16),
 dev evaluation every 10 steps (patience 10), lr 1e-3 for every method, answers of at most
@@ -53,8 +55,9 @@ def train_and_test(method: str, seed: int, out_dir: Path, lr: float) -> dict:
                "--micro-batch-size", "16", "--lr", str(lr), "--eval-every", "10", "--log-every", "50",
                "--out", str(adapter)])
     dev = [(int(m[1]), float(m[2])) for m in re.finditer(r"^step (\d+) \| dev loss ([\d.]+)", log, re.M)]
-    params = int(re.search(r"([\d,]+) trainable parameters", log)[1].replace(",", ""))
-    return {"dev": dev, "params": params, "scores": test_scores(adapter)}
+    described = re.search(r"^(.*): ([\d,]+) trainable parameters", log, re.M)
+    return {"dev": dev, "adapter": described[1], "params": int(described[2].replace(",", "")),
+            "scores": test_scores(adapter)}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -103,14 +106,14 @@ def main() -> None:
                                                       indent=1))
     tasks = sorted(next(iter(results.values()))["scores"])
     print(f"\nmedian test exact match over seeds {args.seeds}")
-    print(f"| method | params | " + " | ".join(tasks) + " | mean |")
+    print("| method | params | " + " | ".join(tasks) + " | mean |")
     print("| --- | --- | " + " | ".join("---" for _ in tasks) + " | --- |")
     print("| base (no adapter) | 0 | " + " | ".join(f"{base[t]:.3f}" for t in tasks)
           + f" | {sum(base.values()) / len(base):.3f} |")
     for method in args.methods:
         runs = [results[method, s] for s in args.seeds]
         medians = [statistics.median(r["scores"][t] for r in runs) for t in tasks]
-        print(f"| {method} | {runs[0]['params']:,} | " + " | ".join(f"{m:.3f}" for m in medians)
+        print(f"| {runs[0]['adapter']} | {runs[0]['params']:,} | " + " | ".join(f"{m:.3f}" for m in medians)
               + f" | {sum(medians) / len(medians):.3f} |")
     plot(results, args.plot)
 

@@ -6,10 +6,18 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.nn.functional as F
+
 from para.errors import CheckpointError
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma")
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "gelu")
+# The gated MLP's activation by its config.json name: SwiGLU (silu) or GeGLU (the gelus).
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 
 
 @dataclass

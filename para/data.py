@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from para.cli import read_jsonl, string_field
+from para.files import read_jsonl, string_field
 from para.errors import UserError
 
 IGNORE = -100  # label of tokens that carry no loss
@@ -71,10 +71,10 @@ class Batch:
     input_ids: torch.Tensor       # (B, T) prompt + response, right-padded
     attention_mask: torch.Tensor  # (B, T) True on real tokens
     labels: torch.Tensor          # (B, T) the next token where it carries loss, else IGNORE
-    pool_index: torch.Tensor      # (B,) position of each example's last prompt token
+    prompt_end: torch.Tensor      # (B,) position of each example's last prompt token (PARA pools there)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.pool_index)))
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.prompt_end)))
 
     @property
     def target_tokens(self) -> int:
@@ -93,5 +93,5 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         mask[row, :len(tokens)] = True
         # Position t predicts token t + 1: the last prompt token predicts the first response token.
         labels[row, len(e.prompt) - 1:len(tokens) - 1] = torch.tensor(e.response)
-    pool_index = torch.tensor([len(e.prompt) - 1 for e in examples])
-    return Batch(ids, mask, labels, pool_index)
+    prompt_end = torch.tensor([len(e.prompt) - 1 for e in examples])
+    return Batch(ids, mask, labels, prompt_end)

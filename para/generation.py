@@ -74,12 +74,14 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
 def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0,
             which: list[int] | None = None) -> tuple[KVCache, torch.Tensor]:
     """Run the prompts through the model once; return the filled cache and the last logits (B, V).
-    which[i] picks prompt i's adapter when a bank of several is installed (0 = base model);
-    PARA's vectors are generated here, once, and kept in the cache."""
+    which[i] picks prompt i's adapter when a bank of several is installed (0 = base model).
+    Left padding puts every prompt's end at the last position: PARA's vectors are made there,
+    once, and kept in the cache."""
     ids, mask = left_pad(prompts, pad_id, model.device)
-    cache = model.new_cache(len(prompts), ids.shape[1] + max_new_tokens)
     rows = None if which is None else torch.tensor(which, device=model.device)
-    logits = model(ids, attention_mask=mask, cache=cache, last_only=True, which=rows)
+    cache = model.new_cache(len(prompts), ids.shape[1] + max_new_tokens, which=rows)
+    prompt_end = torch.full((len(prompts),), ids.shape[1] - 1, device=model.device)
+    logits = model(ids, attention_mask=mask, cache=cache, prompt_end=prompt_end, last_only=True)
     return cache, logits[:, -1]
 
 

@@ -9,11 +9,12 @@ Architecture choices (Hugging Face `LlamaForCausalLM` / `GemmaForCausalLM` seman
   key/value head (1 kv head is multi-query attention);
 - gated MLP: down(act(gate(x)) * up(x)), SwiGLU for LLaMA, tanh-GELU (GeGLU) for Gemma;
 - Gemma multiplies embeddings by sqrt(hidden_size) and ties the output projection to them.
-PARA (Prompt Aware Representation Adjustment): a block may own a VectorGenerator that turns
-the hidden state of the prompt's last token into vectors l_q, l_v, l_u, which scale the
-outputs of the Q, V and Up projections. They are computed once, at prefill, and kept in the
-KV cache; decoding steps only multiply. (IA)^3 is a generator of rank 0 (constant vectors);
-the LoRA baseline adds unmerged low-rank updates to projection outputs.
+PARA (Prompt Aware Representation Adjustment) lives here too, where it acts: a block may own a
+VectorGenerator that turns the hidden state of the prompt's last token into vectors l_q, l_v,
+l_u; they scale the outputs of the Q, V and Up projections (three multiplies, in Attention and
+MLP). They are made once, on the pass that holds the prompt's end (the caller says where), kept
+in the AdapterRows that the KV cache carries, and reused by every decoding step.
+The baselines ((IA)^3, LoRA) are not here: para/baselines.py wraps projections from outside.
 The KV cache is an explicit object with preallocated buffers; without one, `forward` is the
 plain full-sequence path that the tests compare the cached path against.
 """
@@ -21,13 +22,14 @@ plain full-sequence path that the tests compare the cached path against.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from para.config import ModelConfig, rope_scaling_type
+from para.config import ACTIVATIONS, ModelConfig, rope_scaling_type
 
 
 class RMSNorm(nn.Module):
@@ -88,36 +90,78 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-class KVCache:
-    """Keys and values of every layer for a batch, preallocated up to `max_len` positions.
+class PromptVectors(NamedTuple):
+    """PARA's three vectors for a batch, each (B, 1, width): they broadcast over positions."""
+    q: torch.Tensor    # scales the Q projection's output, width num_heads * head_dim
+    v: torch.Tensor    # scales the V projection's output, width num_kv_heads * head_dim
+    up: torch.Tensor   # scales the Up projection's output, width intermediate_size
 
-    Sequences are left-padded to a common length, so all of them write the same slot at each
+    def index_select(self, index: torch.Tensor) -> PromptVectors:
+        return PromptVectors(*(t.index_select(0, index) for t in self))
+
+
+class AdapterRows:
+    """The per-row adapter state of a batch: which adapter each row uses (`which`, an index
+    into the installed bank; None: slot 0 for every row) and, per layer, PARA's vectors pooled
+    from each row's prompt. A KV cache carries one, so decoding steps reuse what the prefill
+    made, and reorders it with its rows."""
+
+    def __init__(self, num_layers: int, which: torch.Tensor | None = None):
+        self.which = which
+        self.vectors: list[PromptVectors | None] = [None] * num_layers
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.which = None if self.which is None else self.which.index_select(0, index)
+        self.vectors = [None if v is None else v.index_select(index) for v in self.vectors]
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated up to `max_len` positions,
+    with the batch's AdapterRows.
+
+    Sequences are left-padded to a common length, so all of them write the same slots at each
     step; `valid` marks which slots hold real tokens and `lengths` counts them, which is each
-    sequence's next rotary position.
+    sequence's next rotary position. `append` is the one place that advances the cache.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 device: torch.device | str, dtype: torch.dtype):
+                 device: torch.device | str, dtype: torch.dtype, which: torch.Tensor | None = None):
         shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
         self.pos = 0                # slots filled so far, the same for every sequence
-        self.vectors: list[torch.Tensor | None] = [None] * config.num_layers  # PARA, per layer (B, 1, width)
-        self.which: torch.Tensor | None = None  # each row's adapter in a mixed batch, set at prefill
         self.has_padding = False    # any invalid slot so far: then attention needs a mask
+        self.rows = AdapterRows(config.num_layers, which)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def append(self, T: int, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Take the next T slots for new tokens (attention_mask (B, T) is False on padding);
+        returns their rotary positions (B, T) and the first new slot."""
+        start = self.pos
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {start + T} needed")
+        if attention_mask is None:
+            attention_mask = torch.ones(len(self.lengths), T, dtype=torch.bool, device=self.valid.device)
+        else:
+            attention_mask = attention_mask.to(device=self.valid.device, dtype=torch.bool)
+            self.has_padding |= not bool(attention_mask.all())
+        positions = self.lengths[:, None] + attention_mask.long().cumsum(1) - 1
+        self.valid[:, start:start + T] = attention_mask
+        self.lengths += attention_mask.sum(1)
+        self.pos = start + T
+        return positions.clamp(min=0), start
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v (B, kv_heads, T, head_dim); return all keys and values so far."""
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store the newest slots' k, v (B, kv_heads, T, head_dim); return all keys and values so far."""
+        start = self.pos - k.shape[2]
+        self.k[layer, :, :, start:self.pos] = k
+        self.v[layer, :, :, start:self.pos] = v
+        return self.k[layer, :, :, :self.pos], self.v[layer, :, :, :self.pos]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the sequences at `index` (beam search): rows are gathered, never recomputed."""
@@ -129,79 +173,7 @@ class KVCache:
             self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
         self.valid = self.valid.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
-        self.vectors = [None if v is None else v.index_select(0, index) for v in self.vectors]
-        self.which = None if self.which is None else self.which.index_select(0, index)
-
-
-class VectorGenerator(nn.Module):
-    """PARA's generator: l = gelu(p @ W_down) @ W_up + b_up, from the pooled prompt state p,
-    split into l_q, l_v, l_u. Initialised so that l = 1: a fresh adapter is the base model.
-
-    It holds `n` generators side by side so one batch can serve many tenants: row i of a
-    batch uses generator which[i]. (IA)^3 is the special case W_up = 0 (then l = b_up).
-    """
-
-    def __init__(self, config: ModelConfig, rank: int, n: int = 1, pool_normed: bool = True):
-        super().__init__()
-        self.widths = (config.q_width, config.kv_width, config.intermediate_size)
-        self.pool_normed = pool_normed  # pool the block's normalised input rather than the raw residual
-        self.w_down = nn.Parameter(torch.randn(n, config.hidden_size, rank) * 0.02)
-        self.w_up = nn.Parameter(torch.zeros(n, rank, sum(self.widths)))
-        self.b_up = nn.Parameter(torch.ones(n, sum(self.widths)))
-
-    def forward(self, pooled: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, d_model) pooled states -> (B, q_width + kv_width + d_ffn) vectors."""
-        p = pooled.to(self.w_down.dtype)
-        if which is None:  # the whole batch uses generator 0
-            return F.gelu(p @ self.w_down[0]) @ self.w_up[0] + self.b_up[0]
-        hidden = F.gelu(torch.bmm(p[:, None], self.w_down[which]))           # (B, 1, r)
-        return torch.baddbmm(self.b_up[which][:, None], hidden, self.w_up[which])[:, 0]
-
-
-def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) width of each projection of a block, by the short names adapters use."""
-    d, q, kv, ffn = config.hidden_size, config.q_width, config.kv_width, config.intermediate_size
-    return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, ffn), "up": (d, ffn), "down": (ffn, d)}
-
-
-class LoRA(nn.Module):
-    """Unmerged low-rank updates, the baseline: out += (x @ A) @ B * scale on each site, with A
-    random and B = 0 at start (the base model). Like VectorGenerator it holds n adapters side
-    by side and row i of a batch uses adapter which[i]: a per-sequence product at every step."""
-
-    def __init__(self, config: ModelConfig, rank: int, sites: tuple[str, ...], n: int = 1, scale: float = 1.0):
-        super().__init__()
-        shapes = projection_shapes(config)
-        self.sites, self.scale = tuple(sites), scale
-        # A like nn.Linear's default init (uniform, 1/sqrt(fan_in)), B zero: the update starts at 0.
-        self.a = nn.ParameterDict({s: nn.Parameter((torch.rand(n, shapes[s][0], rank) * 2 - 1) / shapes[s][0] ** 0.5)
-                                   for s in self.sites})
-        self.b = nn.ParameterDict({s: nn.Parameter(torch.zeros(n, rank, shapes[s][1])) for s in self.sites})
-
-    def forward(self, site: str, x: torch.Tensor, which: torch.Tensor | None) -> torch.Tensor:
-        """The update (B, T, out) for the input x (B, T, in) of projection `site`."""
-        a, b = self.a[site], self.b[site]
-        xa = x.to(a.dtype)
-        if which is None:  # the whole batch uses adapter 0
-            update = xa @ a[0] @ b[0]
-        else:
-            update = torch.bmm(torch.bmm(xa, a[which]), b[which])
-        return (update * self.scale).to(x.dtype)
-
-
-class Adjustment:
-    """How one block's projections are adapted for one batch: vectors (PARA, (IA)^3) scale the
-    q, v and up outputs, LoRA adds its update to the outputs of its sites."""
-
-    def __init__(self, vectors: dict[str, torch.Tensor] | None, lora: LoRA | None, which: torch.Tensor | None):
-        self.vectors, self.lora, self.which = vectors, lora, which
-
-    def __call__(self, site: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.vectors is not None and site in self.vectors:
-            out = out * self.vectors[site]
-        if self.lora is not None and site in self.lora.sites:
-            out = out + self.lora(site, x, self.which)
-        return out
+        self.rows.reorder(index)
 
 
 class Attention(nn.Module):
@@ -216,11 +188,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.q_width, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None, adjust: Adjustment | None = None) -> torch.Tensor:
+                cache: KVCache | None, para: PromptVectors | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if adjust is not None:  # adapters act before rotary embedding; the cache holds adapted V
-            q, k, v = adjust("q", x, q), adjust("k", x, k), adjust("v", x, v)
+        if para is not None:  # PARA: Q' = l_q * Q, V' = l_v * V, before rotary; the cache keeps V'
+            q, v = q * para.q, v * para.v
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
@@ -230,16 +202,7 @@ class Attention(nn.Module):
         # No mask means plain causal attention (a prefill from slot 0, or one token seeing all).
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                              enable_gqa=True)  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(B, T, -1)                       # (B, T, H * D)
-        return self.o_proj(out) if adjust is None else adjust("o", out, self.o_proj(out))
-
-
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))          # (B, T, d_model)
 
 
 class MLP(nn.Module):
@@ -251,12 +214,50 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x: torch.Tensor, adjust: Adjustment | None = None) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if adjust is not None:  # PARA scales the Up projection's output
-            gate, up = adjust("gate", x, gate), adjust("up", x, up)
-        hidden = self.act(gate) * up
-        return self.down_proj(hidden) if adjust is None else adjust("down", hidden, self.down_proj(hidden))
+    def forward(self, x: torch.Tensor, para: PromptVectors | None = None) -> torch.Tensor:
+        up = self.up_proj(x)
+        if para is not None:  # PARA: U' = l_u * U
+            up = up * para.up
+        return self.down_proj(self.act(self.gate_proj(x)) * up)
+
+
+class VectorGenerator(nn.Module):
+    """PARA's generator: l = gelu(p @ W_down) @ W_up + b_up, from the pooled prompt state p,
+    split into l_q, l_v, l_u. Initialised so that l = 1: a fresh adapter is the base model.
+
+    It holds `n` generators side by side so one batch can serve many tenants: row i of a
+    batch uses generator which[i]. `pool` says what p is: the block's raw input at the
+    prompt's last token ("input") or that input after the block's RMSNorm ("norm").
+    """
+
+    def __init__(self, config: ModelConfig, rank: int, pool: str, n: int = 1):
+        super().__init__()
+        self.widths = (config.q_width, config.kv_width, config.intermediate_size)
+        self.pool = pool
+        self.w_down = nn.Parameter(torch.randn(n, config.hidden_size, rank) * 0.02)
+        self.w_up = nn.Parameter(torch.zeros(n, rank, sum(self.widths)))
+        self.b_up = nn.Parameter(torch.ones(n, sum(self.widths)))
+
+    def forward(self, pooled: torch.Tensor, which: torch.Tensor | None = None) -> PromptVectors:
+        """(B, d_model) pooled states -> the three vectors, each (B, 1, width)."""
+        p = pooled.to(self.w_down.dtype)
+        if which is None:  # the whole batch uses generator 0
+            l = F.gelu(p @ self.w_down[0]) @ self.w_up[0] + self.b_up[0]                # (B, width)
+        else:
+            hidden = F.gelu(torch.bmm(p[:, None], self.w_down[which]))                # (B, 1, r)
+            l = torch.baddbmm(self.b_up[which][:, None], hidden, self.w_up[which])[:, 0]
+        return PromptVectors(*l.to(pooled.dtype)[:, None].split(self.widths, dim=-1))
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, w_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor) -> None:
+        """Put one adapter's generator in `slot`; a smaller rank is zero-padded, which changes
+        nothing (gelu(0) = 0)."""
+        rank = w_down.shape[-1]
+        self.w_down[slot].zero_()
+        self.w_up[slot].zero_()
+        self.w_down[slot, :, :rank] = w_down
+        self.w_up[slot, :rank] = w_up
+        self.b_up[slot] = b_up
 
 
 class Block(nn.Module):
@@ -267,39 +268,27 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.is_gemma)
         self.mlp = MLP(config)
         self.layer = layer
-        self.vg: VectorGenerator | None = None  # PARA's (or (IA)^3's) generator, installed by para.adapters
-        self.lora: LoRA | None = None           # the LoRA baseline, installed by para.adapters
+        self.vg: VectorGenerator | None = None  # PARA's generator, when an adapter is installed
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None, pool_index: torch.Tensor | None = None,
-                which: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None, *, rows: AdapterRows, prompt_end: torch.Tensor | None) -> torch.Tensor:
         h = self.attn_norm(x)
-        adjust = None
-        if self.vg is not None or self.lora is not None:
-            vectors = self.prompt_vectors(x, h, cache, pool_index, which)
-            if vectors is not None:
-                vectors = dict(zip(("q", "v", "up"), vectors.split(self.vg.widths, dim=-1)))
-            adjust = Adjustment(vectors, self.lora, which)
-        x = x + self.attn(h, rope, mask, cache, adjust)
-        return x + self.mlp(self.mlp_norm(x), adjust)
+        para = None if self.vg is None else self.prompt_vectors(x, h, rows, prompt_end)
+        x = x + self.attn(h, rope, mask, cache, para)
+        return x + self.mlp(self.mlp_norm(x), para)
 
-    def prompt_vectors(self, x: torch.Tensor, h: torch.Tensor, cache: KVCache | None,
-                       pool_index: torch.Tensor | None, which: torch.Tensor | None) -> torch.Tensor | None:
-        """PARA's vectors (B, 1, width): generated from each sequence's last prompt token on a
-        full pass or prefill, read back from the cache on a decoding step."""
-        if self.vg is None:
-            return None
-        if cache is not None and cache.pos > 0:
-            return cache.vectors[self.layer]
-        source = h if self.vg.pool_normed else x
-        if pool_index is None:  # prompts end at the last position (left-padded prefill)
-            pooled = source[:, -1]
-        else:
-            pooled = source[torch.arange(source.shape[0], device=source.device), pool_index]  # (B, d_model)
-        vectors = self.vg(pooled, which).to(x.dtype)[:, None]
-        if cache is not None:
-            cache.vectors[self.layer] = vectors
-        return vectors
+    def prompt_vectors(self, x: torch.Tensor, h: torch.Tensor, rows: AdapterRows,
+                       prompt_end: torch.Tensor | None) -> PromptVectors:
+        """PARA's vectors: made from each row's last prompt token on the pass that holds it (the
+        caller says where, `prompt_end`), kept in `rows` and reused by the passes after it."""
+        if prompt_end is not None:
+            source = h if self.vg.pool == "norm" else x
+            pooled = source[torch.arange(len(source), device=source.device), prompt_end]  # (B, d_model)
+            rows.vectors[self.layer] = self.vg(pooled, rows.which)
+        elif rows.vectors[self.layer] is None:
+            raise ValueError("PARA's vectors come from the prompt's last token: pass prompt_end on the "
+                             "pass that holds it (a whole-prompt prefill)")
+        return rows.vectors[self.layer]
 
 
 class Transformer(nn.Module):
@@ -323,8 +312,9 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_len, self.device, self.dtype)
+    def new_cache(self, batch_size: int, max_len: int, which: torch.Tensor | None = None) -> KVCache:
+        """An empty cache; which (B,) picks each row's adapter when a bank of several is installed."""
+        return KVCache(self.config, batch_size, max_len, self.device, self.dtype, which)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -333,36 +323,34 @@ class Transformer(nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False,
-                pool_index: torch.Tensor | None = None, which: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, prompt_end: torch.Tensor | None = None,
+                which: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T), or (B, 1, vocab) with `last_only`.
 
         attention_mask (B, T) marks real tokens (False on left padding). With a cache, the
         tokens continue the cached sequences and are appended to the cache.
-        PARA: pool_index (B,) is where each prompt ends in input_ids (default: the last
-        position); which (B,) picks each row's generator when several tenants share a batch.
+        prompt_end (B,): where each row's prompt ends in input_ids, on the pass that holds it
+        (PARA pools there); later passes reuse the vectors. which (B,): each row's adapter in
+        an installed bank, for a pass without a cache (a cache carries its own).
         """
-        x = self.hidden_states(input_ids, attention_mask, cache, pool_index, which)
+        x = self.hidden_states(input_ids, attention_mask, cache, prompt_end, which)
         return self.output(x[:, -1:] if last_only else x)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      cache: KVCache | None = None, pool_index: torch.Tensor | None = None,
+                      cache: KVCache | None = None, prompt_end: torch.Tensor | None = None,
                       which: torch.Tensor | None = None) -> torch.Tensor:
         """The last block's output (B, T, d_model), before the final norm."""
+        if cache is not None and which is not None:
+            raise ValueError("a cache carries its rows' adapters: pass which to new_cache, not to forward")
+        rows = cache.rows if cache is not None else AdapterRows(self.config.num_layers, which)
         positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
-        if cache is not None:  # each row's adapter is chosen at prefill and kept for decoding
-            if cache.pos == 0:
-                cache.which = which
-            which = cache.which
         x = self.embed_tokens(input_ids)  # (B, T, d_model)
         rope = self.rope(positions, x.dtype)
         for block in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():  # recompute activations in backward
-                x = checkpoint(block, x, rope, mask, cache, pool_index, which, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, cache, rows=rows, prompt_end=prompt_end, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache, pool_index, which)
-        if cache is not None:
-            cache.pos += input_ids.shape[1]
+                x = block(x, rope, mask, cache, rows=rows, prompt_end=prompt_end)
         return x
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,26 +363,15 @@ class Transformer(nn.Module):
         plain causal attention over everything is right."""
         B, T = input_ids.shape
         device = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-            padded = False
-        else:
-            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-            padded = not bool(attention_mask.all())
-        # Each sequence counts positions from its own first real token.
-        steps = attention_mask.long().cumsum(1) - 1
-        start, valid = 0, attention_mask
         if cache is not None:
-            start = cache.pos
-            if start + T > cache.max_len:
-                raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
-            steps = steps + cache.lengths[:, None]
-            cache.valid[:, start:start + T] = attention_mask
-            cache.lengths += attention_mask.sum(1)
-            cache.has_padding |= padded
-            padded = cache.has_padding
-            valid = cache.valid[:, :start + T]
-        positions = steps.clamp(min=0)
+            positions, start = cache.append(T, attention_mask)
+            valid, padded = cache.valid[:, :cache.pos], cache.has_padding
+        else:
+            start = 0
+            valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None \
+                else attention_mask.to(device=device, dtype=torch.bool)
+            padded = attention_mask is not None and not bool(valid.all())
+            positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # counted from each row's first real token
         if not padded and (T == 1 or start == 0):
             return positions, None  # causal over all keys: SDPA's own is_causal (or no mask at all)
         query = torch.arange(start, start + T, device=device)[:, None]   # (T, 1)

