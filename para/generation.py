@@ -129,67 +129,87 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     return Generation(out, sum(len(p) for p in prompts), after_prefill - start, end - after_prefill, steps)
 
 
+class Beams:
+    """The live hypotheses of beam search for B prompts, K rows each, and the finished ones.
+
+    Scores are summed log-probabilities; a finished hypothesis is ranked by
+    score / generated_length ** length_penalty. A prompt is done as soon as it has K finished
+    hypotheses (Hugging Face's early_stopping=True), so one beam is exactly greedy decoding.
+    """
+
+    def __init__(self, B: int, K: int, eos_ids: list[int], length_penalty: float, device: torch.device):
+        self.B, self.K, self.eos, self.length_penalty = B, K, set(eos_ids), length_penalty
+        self.scores = torch.zeros(B, K, device=device)
+        self.scores[:, 1:] = float("-inf")                 # only the first copy of each prompt is live at first
+        self.tokens: list[list[int]] = [[] for _ in range(B * K)]
+        self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        self.done = [False] * B
+
+    def step(self, logits: torch.Tensor, last: bool, pad_id: int) -> tuple[list[int], list[int]]:
+        """Extend every prompt's beams by one token from logits (B*K, V); returns the rows to keep
+        and the token each continues with (a done prompt keeps dummy rows, never read)."""
+        K = self.K
+        logprobs = torch.log_softmax(logits.float(), dim=-1)                 # (B*K, V)
+        vocab = logprobs.shape[-1]
+        scores = (self.scores.view(-1, 1) + logprobs).view(self.B, K * vocab)
+        # Each row can end in every EOS id: this many candidates always hold K that do not end.
+        n = min(K * (1 + len(self.eos)), K * vocab)
+        top_scores, top_ids = (t.tolist() for t in scores.topk(n, dim=-1))
+        kept = []
+        for b in range(self.B):
+            chosen = [] if self.done[b] else self.choose(b, top_scores[b], top_ids[b], vocab, last)
+            kept += chosen + [(b * K, pad_id, float("-inf"))] * (K - len(chosen))
+        rows, tokens, next_scores = (list(column) for column in zip(*kept))
+        self.tokens = [self.tokens[row] + [token] for row, token in zip(rows, tokens)]
+        self.scores = torch.tensor(next_scores, device=self.scores.device).view(self.B, K)
+        return rows, tokens
+
+    def choose(self, b: int, scores: list[float], ids: list[int], vocab: int,
+               last: bool) -> list[tuple[int, int, float]]:
+        """Prompt b's K best continuations that do not end; the EOS endings ranked among the first
+        K join its finished hypotheses (lower ones are no real contenders)."""
+        chosen = []
+        for rank, (score, flat) in enumerate(zip(scores, ids)):
+            row, token = b * self.K + flat // vocab, flat % vocab
+            if token not in self.eos:
+                chosen.append((row, token, score))
+            elif rank < self.K:
+                self.finish(b, score, self.tokens[row] + [token])
+            if len(chosen) == self.K:
+                break
+        if last:  # out of tokens: the live beams are finished as they stand
+            for row, token, score in chosen:
+                self.finish(b, score, self.tokens[row] + [token])
+        self.done[b] = len(self.finished[b]) >= self.K or last
+        return chosen
+
+    def finish(self, b: int, score: float, tokens: list[int]) -> None:
+        self.finished[b].append((score / len(tokens) ** self.length_penalty, tokens))
+
+    def best(self) -> list[list[int]]:
+        return [max(hypotheses, key=lambda h: h[0])[1] for hypotheses in self.finished]
+
+
 @torch.inference_mode()
 def beam_search(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
                 num_beams: int, length_penalty: float = 1.0, pad_id: int = 0,
                 which: list[int] | None = None) -> Generation:
-    """Beam search for each prompt; returns the best hypothesis's new tokens.
-
-    Scores are summed log-probabilities; a finished hypothesis is ranked by
-    score / generated_length ** length_penalty. A prompt is done as soon as it has
-    `num_beams` finished hypotheses (Hugging Face's early_stopping=True), so one beam is
-    exactly greedy decoding.
-    """
+    """Beam search for each prompt (see Beams); returns the best hypothesis's new tokens."""
     B, K = len(prompts), num_beams
-    eos = set(eos_ids)
     start = _sync(model.device)
     cache, logits = prefill(model, prompts, max_new_tokens, pad_id, which)
     after_prefill = _sync(model.device)
-    # Every prompt starts with K copies of its cache row; only the first beam is live at first.
+    # Every prompt becomes K copies of its cache row (its adapter and PARA vectors too).
     cache.reorder(torch.arange(B, device=model.device).repeat_interleave(K))
     logits = logits.repeat_interleave(K, dim=0)
-    beam_scores = torch.zeros(B, K, device=model.device)
-    beam_scores[:, 1:] = float("-inf")
-    beams: list[list[int]] = [[] for _ in range(B * K)]           # tokens of each live row
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-    done = [False] * B
+    beams = Beams(B, K, eos_ids, length_penalty, model.device)
     steps = 0
     for step in range(max_new_tokens):
-        logprobs = torch.log_softmax(logits.float(), dim=-1)        # (B*K, V)
-        vocab = logprobs.shape[-1]
-        scores = (beam_scores.view(-1, 1) + logprobs).view(B, K * vocab)
-        top_scores, top_ids = scores.topk(2 * K, dim=-1)              # (B, 2K)
-        next_rows, next_tokens, next_scores = [], [], []
-        for b in range(B):
-            chosen = []
-            if not done[b]:
-                for rank, (score, flat) in enumerate(zip(top_scores[b].tolist(), top_ids[b].tolist())):
-                    row, token = b * K + flat // vocab, flat % vocab
-                    if token in eos:
-                        if rank < K:  # an EOS ranked below the beam width is not a real contender
-                            tokens = beams[row] + [token]
-                            finished[b].append((score / len(tokens) ** length_penalty, tokens))
-                    else:
-                        chosen.append((row, token, score))
-                    if len(chosen) == K:
-                        break
-                done[b] = len(finished[b]) >= K or step == max_new_tokens - 1
-                if step == max_new_tokens - 1:
-                    finished[b] += [(s / (len(beams[r]) + 1) ** length_penalty, beams[r] + [t]) for r, t, s in chosen]
-            if done[b] and len(chosen) < K:  # keep the row count fixed; these rows are ignored
-                chosen += [(b * K, pad_id, float("-inf"))] * (K - len(chosen))
-            for row, token, score in chosen:
-                next_rows.append(row)
-                next_tokens.append(token)
-                next_scores.append(score)
-        if all(done):
+        rows, tokens = beams.step(logits, last=step == max_new_tokens - 1, pad_id=pad_id)
+        if all(beams.done):
             break
-        index = torch.tensor(next_rows, device=model.device)
-        beams = [beams[row] + [token] for row, token in zip(next_rows, next_tokens)]
-        beam_scores = torch.tensor(next_scores, device=model.device).view(B, K)
-        cache.reorder(index)
-        logits = decode_one(model, torch.tensor(next_tokens, device=model.device), cache)
+        cache.reorder(torch.tensor(rows, device=model.device))
+        logits = decode_one(model, torch.tensor(tokens, device=model.device), cache)
         steps += 1
     end = _sync(model.device)
-    best = [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
-    return Generation(best, sum(len(p) for p in prompts), after_prefill - start, end - after_prefill, steps)
+    return Generation(beams.best(), sum(len(p) for p in prompts), after_prefill - start, end - after_prefill, steps)

@@ -93,6 +93,18 @@ def test_beam_search_batch_equals_each_alone(model):
     assert batch == [beam_search(model, [p], 8, eos_ids=[], num_beams=3).tokens[0] for p in prompts]
 
 
+def test_beam_search_with_many_eos_ids(model):
+    # Llama 3 lists several EOS ids: more of the 2K best candidates can end than K. Half the
+    # vocabulary ends here; every beam must still be filled, and one beam is still greedy.
+    prompts = prompts_of([5, 11, 2])
+    eos = list(range(0, 96, 2))
+    assert beam_search(model, prompts, 6, eos_ids=eos, num_beams=1).tokens == generate(model, prompts, 6, eos_ids=eos).tokens
+    batch = beam_search(model, prompts, 6, eos_ids=eos, num_beams=3).tokens
+    assert batch == [beam_search(model, [p], 6, eos_ids=eos, num_beams=3).tokens[0] for p in prompts]
+    for tokens in batch:
+        assert all(t not in eos for t in tokens[:-1]) and (tokens[-1] in eos or len(tokens) == 6)
+
+
 def test_two_step_beam_search_finds_the_best_pair_among_its_beams(model):
     # With 2 new tokens and 3 beams, beam search must return the most likely pair whose first
     # token is among the 3 most likely first tokens: check against brute force.
