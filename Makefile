@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install weights demo test bench bench-methods bench-quality clean
+.PHONY: install weights demo test check-install bench bench-methods bench-quality clean
 
 install: $(STAMP)  ## create .venv with the pinned packages and this repo installed editable
 
@@ -32,6 +32,9 @@ demo: weights  ## answer a question, then PARA-train on data/demo_*.jsonl and sc
 
 test: install  ## run the offline test suite
 	$(PY) -m pytest -q
+
+check-install:  ## pip install . (not editable) in a scratch venv: fetch the default model and generate from outside the checkout
+	bash tests/check_install.sh
 
 bench: weights  ## prefill/decode speed of the default model on this machine
 	$(PY) bench/bench_decode.py

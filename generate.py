@@ -146,5 +146,10 @@ def main() -> None:
               f"accuracy {s['accuracy']:.3f} | token F1 {s['token_f1']:.3f}", flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (para-train / para-generate) of a pip-installed package."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -166,5 +166,10 @@ def train(args: argparse.Namespace, world: World) -> None:
     log(f"wrote {args.out} ({best})")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (para-train / para-generate) of a pip-installed package."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from para.cli import model_dir
 from para.config import ModelConfig
 from para.errors import CheckpointError, UserError
 from para.generation import Sampling, beam_search, generate
@@ -13,11 +14,13 @@ from para.loading import load_model
 from para.model import KVCache, Transformer
 
 
-def load(path: str | Path, device: str | torch.device | None = None,
+def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None):
-    """Load a Hugging Face checkpoint folder: returns (model, tokenizer)."""
+    """Load a Hugging Face checkpoint folder (default: the built-in model, fetched on first
+    use): returns (model, tokenizer)."""
     from tokenizer import Tokenizer  # the top-level tokenizer package, beside para/
-    return load_model(path, device, dtype), Tokenizer.from_dir(path)
+    folder = model_dir(None if path is None else Path(path))
+    return load_model(folder, device, dtype), Tokenizer.from_dir(folder)
 
 
 __all__ = ["load", "load_model", "ModelConfig", "Transformer", "KVCache", "Sampling", "generate",

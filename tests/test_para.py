@@ -282,3 +282,88 @@ def test_mixed_batch_of_every_method_equals_each_alone(tmp_path):
         if w:
             load_adapter(m, paths[w - 1])
         assert beam_search(m, [prompt], 4, eos_ids=[], num_beams=2).tokens[0] == tokens
+
+
+def randomise_adapter(model, seed=0):
+    """Move a fresh adapter away from the identity, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_parameter(name):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_a_continued_cache_keeps_the_prompts_vectors(model):
+    """Tokens fed after the prefill, several in one pass (a forced answer prefix) or one at a
+    time, give what the full training forward gives: the vectors stay the prompt's."""
+    add_adapter(model, AdapterConfig(rank=4))
+    randomise_adapter(model)
+    prompt, response = [5, 11, 12, 13, 3], [50, 51, 52, 53, 54]
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + response]), prompt_end=torch.tensor([len(prompt) - 1]))[0]
+        cache = model.new_cache(1, 16)
+        steps = [model(torch.tensor([prompt]), cache=cache, prompt_end=torch.tensor([len(prompt) - 1]))[0]]
+        steps.append(model(torch.tensor([response[:3]]), cache=cache)[0])
+        steps += [model(torch.tensor([[t]]), cache=cache)[0] for t in response[3:]]
+    torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=0)
+
+
+def test_a_chunked_prefill_must_say_where_the_prompt_ends(model):
+    """Without an adapter, a prompt fed in two chunks equals one pass. With PARA, a chunk that
+    does not hold the prompt's end cannot make the vectors (every layer's vectors need the
+    whole prompt below it), so it is refused rather than pooled from the wrong token."""
+    prompt = torch.tensor([[5, 11, 12, 13, 14, 15, 16, 3]])
+    with torch.no_grad():
+        whole = model(prompt, cache=model.new_cache(1, 12))
+        cache = model.new_cache(1, 12)
+        chunked = torch.cat([model(prompt[:, :5], cache=cache), model(prompt[:, 5:], cache=cache)], dim=1)
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+        add_adapter(model, AdapterConfig(rank=4))
+        with pytest.raises(ValueError, match="prompt_end"):
+            model(prompt[:, :5], cache=model.new_cache(1, 12))
+
+
+def test_a_second_turn_pools_from_its_own_end(model):
+    """Appending a new prompt to a cache with prompt_end re-pools there: layer 0's vectors (its
+    input is the token's embedding alone) equal a fresh prefill's of the whole conversation."""
+    add_adapter(model, AdapterConfig(rank=4))
+    randomise_adapter(model)
+    turn1, turn2 = [5, 11, 12, 3], [7, 20, 21, 4]
+    with torch.no_grad():
+        cache = model.new_cache(1, 16)
+        model(torch.tensor([turn1]), cache=cache, prompt_end=torch.tensor([3]))
+        first = cache.rows.vectors[0]
+        model(torch.tensor([[9]]), cache=cache)
+        model(torch.tensor([turn2]), cache=cache, prompt_end=torch.tensor([3]))
+        fresh = model.new_cache(1, 16)
+        model(torch.tensor([turn1 + [9] + turn2]), cache=fresh, prompt_end=torch.tensor([8]))
+    for ours, theirs in zip(cache.rows.vectors[0], fresh.rows.vectors[0]):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    assert not torch.allclose(first.q, cache.rows.vectors[0].q)
+
+
+def test_adapter_tensors_are_checked_by_name_and_shape(tmp_path):
+    write_checkpoint(tmp_path / "base", TINY_LLAMA)
+    model = load_model(tmp_path / "base", device="cpu")
+    add_adapter(model, AdapterConfig("lora", 2))
+    save_adapter(model, AdapterConfig("lora", 2), tmp_path / "a.pt")
+    data = torch.load(tmp_path / "a.pt", weights_only=True)
+    data["state"]["layers.1.mlp.up_proj.lora_b"] = torch.zeros(1, 2, 5)
+    torch.save(data, tmp_path / "wrong_shape.pt")
+    with pytest.raises(AdapterError, match=r"tensor layers\.1\.mlp\.up_proj\.lora_b has shape \[1, 2, 5\], this model needs \[1, 2, 64\]"):
+        load_adapter(model, tmp_path / "wrong_shape.pt")
+    del data["state"]["layers.0.attn.q_proj.lora_a"]
+    torch.save(data, tmp_path / "missing.pt")
+    with pytest.raises(AdapterError, match=r"tensor layers\.0\.attn\.q_proj\.lora_a is missing"):
+        load_adapter(model, tmp_path / "missing.pt")
+
+
+def test_adapter_file_records_the_sites(tmp_path):
+    write_checkpoint(tmp_path / "base", TINY_LLAMA)
+    model = load_model(tmp_path / "base", device="cpu")
+    for config, sites in [(AdapterConfig("ia3"), ("k", "v", "down")), (AdapterConfig("ia3", targets=("q", "v", "up")), ("q", "v", "up")),
+                          (AdapterConfig("lora", 2), ("q", "v", "up")), (AdapterConfig(), ("q", "v", "up"))]:
+        add_adapter(model, config)
+        save_adapter(model, config, tmp_path / "a.pt")
+        assert read_adapter(tmp_path / "a.pt")["config"].targets == sites
+        assert load_adapter(load_model(tmp_path / "base", device="cpu"), tmp_path / "a.pt") == config

