@@ -1,7 +1,10 @@
 """The redesign changed no output: logits and tokens equal what the first-round code gave
-(tests/golden, recorded at commit e18f7ed by the make_golden.py of that commit) for the base
-model, PARA, (IA)^3 and LoRA, solo and mixed in one batch, greedy and beam. The golden adapter
-files are format version 1, so this also proves they are read unchanged."""
+for the base model, PARA, (IA)^3 and LoRA, solo and mixed in one batch, greedy and beam.
+tests/golden was written by the first-round code itself (tests/golden/make_golden.py, run and
+committed in b291a73 on top of e18f7ed, then removed: it calls the old API): two tiny
+checkpoints, adapter files of format version 1 with random non-identity weights, and their
+outputs. So this also proves that version-1 files still load and mean the same. (The (IA)^3
+file of version 1 scaled PARA's sites; it loads as an (IA)^3 adapter on q,v,up.)"""
 
 from pathlib import Path
 
