@@ -21,10 +21,11 @@ from para.adapter_files import save_adapter
 from para.adapters import (DEFAULT_TARGETS, METHODS, POOLS, AdapterConfig, add_adapter, adapter_state,
                            lora_rank_matching, mark_only_adapter_trainable, parameter_counts)
 from para.baselines import SITES
-from para.cli import add_model_args, model_dir, run_cli
+from para.cli import COUNT, SEED, add_model_args, bounded, model_dir, run_cli
 from para.data import read_examples
 from para.distributed import World, close_world, init_world, shard_blocks
 from para.errors import UserError
+from para.files import WriteError, check_writable, remove_stale_temporaries
 from para.trainer import TrainConfig, Trainer
 
 
@@ -33,45 +34,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(parser)
     parser.add_argument("--data", type=Path, required=True, help='JSONL: {"prompt", "response"} or {"instruction", "input", "output"}')
     parser.add_argument("--eval-data", type=Path, help="JSONL dev set (default: hold out --dev-fraction of --data)")
-    parser.add_argument("--dev-fraction", type=float, default=0.1, help="share of --data held out as the dev set")
+    parser.add_argument("--dev-fraction", type=bounded(float, 0, 1, below=True), default=0.1,
+                        help="share of --data held out as the dev set, in [0, 1)")
     parser.add_argument("--out", type=Path, default=Path("para.pt"), help="the adapter file (best dev loss)")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     parser.add_argument("--method", choices=METHODS, default="para",
                         help="para (default), or a baseline: lora (unmerged) or ia3")
-    parser.add_argument("--rank", type=int, default=None,
+    parser.add_argument("--rank", type=COUNT, default=None,
                         help="PARA: generator bottleneck r (default 12); LoRA: rank (default: PARA's parameter count)")
     parser.add_argument("--targets", default=None,
                         help=f"baselines: comma-separated projections among {','.join(SITES)} (default: "
                         f"{','.join(DEFAULT_TARGETS['lora'])} for lora, PARA's sites; {','.join(DEFAULT_TARGETS['ia3'])} "
                         "for ia3, the published (IA)^3: K, V and the FFN intermediate, the input of down)")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA: updates scaled by alpha/rank (default alpha=rank)")
+    parser.add_argument("--lora-alpha", type=bounded(float, 0, above=True), default=None, help="LoRA: updates scaled by alpha/rank (default alpha=rank)")
     parser.add_argument("--pool", choices=POOLS, default=AdapterConfig.pool,
                         help="PARA pools the raw residual input of each block (input, the default: lower dev loss "
                         "in our measurement) or its normalised form (norm)")
-    parser.add_argument("--max-len", type=int, default=2048, help="longest example in tokens; longer ones are truncated")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default 16, or 128 from 10k examples)")
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="examples per forward pass")
-    parser.add_argument("--eval-every", type=int, default=200, help="steps between dev evaluations")
-    parser.add_argument("--patience", type=int, default=10, help="evaluations without improvement before stopping")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--max-len", type=bounded(int, 2), default=None,
+                        help="longest example in tokens; longer ones are truncated (default: 2048 or the model's "
+                        "context, whichever is shorter)")
+    parser.add_argument("--lr", type=bounded(float, 0, above=True), default=1e-4)
+    parser.add_argument("--warmup", type=bounded(float, 0, 1, below=True), default=0.06,
+                        help="warm-up fraction of the steps, in [0, 1)")
+    parser.add_argument("--epochs", type=COUNT, default=10)
+    parser.add_argument("--batch-size", type=COUNT, default=None, help="examples per step (default 16, or 128 from 10k examples)")
+    parser.add_argument("--micro-batch-size", type=COUNT, default=8, help="examples per forward pass")
+    parser.add_argument("--eval-every", type=COUNT, default=200, help="steps between dev evaluations")
+    parser.add_argument("--patience", type=COUNT, default=10, help="evaluations without improvement before stopping")
+    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--log-every", type=COUNT, default=10)
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard each block's weights (frozen base included) across ranks with FSDP")
     parser.add_argument("--resume", action="store_true", help="continue from OUT.resume")
-    parser.add_argument("--stop-after", type=int, default=None, help="write a resumable checkpoint and stop after N steps")
-    args = parser.parse_args(argv)
-    if not 0 <= args.dev_fraction < 1:
-        parser.error("--dev-fraction must be in [0, 1)")
-    if args.rank is not None and args.rank < 1:
-        parser.error("--rank must be at least 1")
-    for name in ("max_len", "epochs", "micro_batch_size", "eval_every", "patience", "log_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
+    parser.add_argument("--stop-after", type=COUNT, default=None, help="write a resumable checkpoint and stop after N steps")
+    return parser.parse_args(argv)
 
 
 def adapter_config(args: argparse.Namespace, config) -> AdapterConfig:
@@ -89,6 +86,20 @@ def adapter_config(args: argparse.Namespace, config) -> AdapterConfig:
     return AdapterConfig(args.method, args.rank or AdapterConfig.rank, args.pool, targets)
 
 
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    return args.out.with_name(args.out.name + ".resume")
+
+
+def example_length(args: argparse.Namespace, context: int) -> int:
+    """--max-len, which the model's context bounds; by default 2048 (the paper's) or the context."""
+    if args.max_len is None:
+        return min(2048, context)
+    if args.max_len > context:
+        raise UserError(f"--max-len {args.max_len} is longer than the model's context of {context} tokens; "
+                        f"use at most {context}")
+    return args.max_len
+
+
 def split_dev(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     if fraction == 0 or len(examples) < 2:
         return examples, []
@@ -102,6 +113,8 @@ def main() -> None:
     args = parse_args()
     if args.out.suffix == ".resume":
         raise UserError(f"--out {args.out}: pick a name not ending in .resume (that is the checkpoint's)")
+    check_writable(args.out, "--out")  # before any work: a run must not be lost at its last write
+    check_writable(checkpoint_path(args), "--out")
     world = init_world(args.device)  # one process, or one of torchrun's
     try:
         train(args, world)
@@ -116,12 +129,15 @@ def train(args: argparse.Namespace, world: World) -> None:
 
     if world.is_main:
         model_dir(args.model)  # fetch the default model once, before the other ranks look for it
+        for path in (args.out, checkpoint_path(args)):
+            remove_stale_temporaries(path)  # left by a killed run's writer; never read
     world.barrier()
     folder = model_dir(args.model)
     model, tokenizer = para.load(folder, world.device(args.device), args.dtype)
-    examples, truncated = read_examples(args.data, tokenizer, args.chat, args.max_len)
+    max_len = example_length(args, model.config.max_position_embeddings)
+    examples, truncated = read_examples(args.data, tokenizer, args.chat, max_len)
     if args.eval_data:
-        train_set, dev = examples, read_examples(args.eval_data, tokenizer, args.chat, args.max_len)[0]
+        train_set, dev = examples, read_examples(args.eval_data, tokenizer, args.chat, max_len)[0]
     else:
         train_set, dev = split_dev(examples, args.dev_fraction, args.seed)
 
@@ -145,11 +161,11 @@ def train(args: argparse.Namespace, world: World) -> None:
             save_adapter(model, adapter, args.out, state=state,
                          extra={"train": {"data": str(args.data), "chat": args.chat, "step": trainer.state.step}})
 
-    checkpoint = args.out.with_name(args.out.name + ".resume")
+    checkpoint = checkpoint_path(args)
     trainer = Trainer(model, params, train_set, dev, config, tokenizer.pad_id or 0, checkpoint, save_best, log, world)
     log(f"model {folder} ({model.config.arch}, {model.config.num_layers} layers) on {model.device}, {model.dtype}"
         + (f", {world.size} data-parallel ranks" if world.size > 1 else "") + (", blocks sharded (FSDP)" if args.fsdp else ""))
-    log(f"data {len(train_set)} train / {len(dev)} dev examples, {truncated} truncated to {args.max_len} tokens "
+    log(f"data {len(train_set)} train / {len(dev)} dev examples, {truncated} truncated to {max_len} tokens "
         "(prompt cut from its start, response from its end)")
     weights, biases = parameter_counts(model)
     split = f" = {weights:,} weights + {biases:,} biases" if adapter.method == "para" else ""
@@ -157,7 +173,11 @@ def train(args: argparse.Namespace, world: World) -> None:
         f"({trainable / sum(p.numel() for p in model.parameters()):.3%} of all)")
     log(f"{trainer.total_steps} steps: {config.epochs} epochs x {trainer.steps_per_epoch} steps of "
         f"{trainer.batch_size} examples, lr {config.lr}, warm-up {config.warmup:.0%}")
-    outcome = trainer.fit(resume=args.resume)
+    try:
+        outcome = trainer.fit(resume=args.resume)
+    except WriteError as e:
+        where = f"continue with --resume (from {checkpoint})" if checkpoint.exists() else "run again"
+        raise UserError(f"{e}; free some space or fix the permissions, then {where}") from None
     if outcome == "stopped":
         sys.exit(130)
     if world.is_main:

@@ -55,7 +55,10 @@ def read_adapter(path: Path) -> dict:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise AdapterError(f"{path}: not a para adapter file")
     if data.get("version") == 1:
-        data = upgrade_version_1(data)
+        try:
+            data = upgrade_version_1(data)
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise AdapterError(f"{path}: a damaged version-1 adapter ({type(e).__name__}); train it again") from None
     if data.get("version") != VERSION:
         raise AdapterError(f"{path}: adapter format version {data.get('version')} is not {VERSION}; "
                            "retrain with this version")
@@ -100,7 +103,7 @@ def check_base(data: dict, model: Transformer, path: Path) -> None:
                                f"{actual[key]}; use the --model it was trained on")
     if expected.get("fingerprint") and actual["fingerprint"] and expected["fingerprint"] != actual["fingerprint"]:
         raise AdapterError(f"{path}: trained on a base with different weights (fingerprint "
-                           f"{expected['fingerprint'][:12]}, this model {actual['fingerprint'][:12]}); "
+                           f"{str(expected['fingerprint'])[:12]}, this model {actual['fingerprint'][:12]}); "
                            "use the --model it was trained on")
 
 
@@ -111,6 +114,9 @@ def check_tensors(data: dict, model: Transformer, path: Path) -> None:
         tensor = state.get(name)
         if not isinstance(tensor, torch.Tensor):
             raise AdapterError(f"{path}: tensor {name} is missing; the file is damaged, train it again")
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{path}: tensor {name} holds {tensor.dtype}, not floating-point numbers; "
+                               "the file is damaged, train it again")
         if tuple(tensor.shape) != shape:
             raise AdapterError(f"{path}: tensor {name} has shape {list(tensor.shape)}, this model needs "
                                f"{list(shape)}; the file is damaged or from another model")
@@ -131,6 +137,15 @@ def read_for(model: Transformer, path: Path) -> tuple[AdapterConfig, dict]:
     check_base(data, model, path)
     check_tensors(data, model, path)
     return data["config"], data["state"]
+
+
+def adapter_training(path: Path) -> dict:
+    """How the adapter at `path` was trained ({"data", "chat", "step"}), as train.py recorded it."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found")
+    train = _read_cached(path, path.stat().st_mtime_ns).get("train")
+    return train if isinstance(train, dict) else {}
 
 
 def load_adapter(model: Transformer, path: Path) -> AdapterConfig:

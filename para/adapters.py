@@ -41,6 +41,10 @@ class AdapterConfig:
             raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.pool not in POOLS:
             raise UserError(f"pool {self.pool!r} is not one of {', '.join(POOLS)}")
+        if type(self.rank) is not int or not (self.alpha is None or type(self.alpha) in (int, float)):
+            raise UserError(f"rank {self.rank!r} must be an integer and alpha {self.alpha!r} a number")
+        if not (self.targets is None or isinstance(self.targets, (list, tuple))):
+            raise UserError(f"targets {self.targets!r} must be a list of sites")
         self.targets = tuple(self.targets or DEFAULT_TARGETS[self.method])
         unknown = [t for t in self.targets if t not in SITES]
         if unknown or len(set(self.targets)) < len(self.targets):

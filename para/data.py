@@ -26,14 +26,21 @@ class Example:
 
 
 def prompt_and_response(obj: dict, where: str) -> tuple[str, str]:
+    """The example's prompt and response texts; neither may be empty (a chat template or BOS
+    would hide an empty prompt from a check on tokens)."""
     if "prompt" in obj or "response" in obj:
-        return string_field(obj, "prompt", where), string_field(obj, "response", where)
-    if "instruction" in obj or "output" in obj:
+        prompt, response = string_field(obj, "prompt", where), string_field(obj, "response", where)
+    elif "instruction" in obj or "output" in obj:
         instruction = string_field(obj, "instruction", where)
         extra = string_field(obj, "input", where, required=False)
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
-        return prompt, string_field(obj, "output", where)
-    raise UserError(f"{where}: expected fields 'prompt' and 'response' (or 'instruction', 'input', 'output')")
+        response = string_field(obj, "output", where)
+    else:
+        raise UserError(f"{where}: expected fields 'prompt' and 'response' (or 'instruction', 'input', 'output')")
+    for name, text in (("prompt", prompt), ("response", response)):
+        if not text.strip():
+            raise UserError(f"{where}: the {name} is empty; every example needs both")
+    return prompt, response
 
 
 def truncate(prompt: list[int], response: list[int], max_len: int) -> tuple[list[int], list[int]]:
@@ -48,8 +55,6 @@ def truncate(prompt: list[int], response: list[int], max_len: int) -> tuple[list
 
 def read_examples(path: Path, tokenizer, chat: bool = False, max_len: int = 2048) -> tuple[list[Example], int]:
     """Tokenized examples of a JSONL file and how many had to be truncated."""
-    if not path.exists():
-        raise UserError(f"{path}: file not found")
     eos = tokenizer.eos_ids[0]
     examples, truncated = [], 0
     for number, obj in read_jsonl(path):
