@@ -16,8 +16,8 @@ import torch
 
 import generate
 import train
-from checkpoints import TINY_LLAMA, write_checkpoint, write_model_with_tokenizer
-from conftest import ROOT
+from checkpoints import TINY_LLAMA, write_checkpoint
+from conftest import ROOT, run, user_error
 from para.adapter_files import load_adapter, save_adapter
 from para.adapters import AdapterConfig, add_adapter
 from para.data import read_examples
@@ -26,20 +26,8 @@ from para.loading import load_model
 from tokenizer import Tokenizer
 
 
-def run(script, *args, timeout=120):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
-
-
-def user_error(proc) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
-    return proc.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_model_with_tokenizer(tmp_path_factory.mktemp("tiny") / "model")
+def run_unchecked(script, *args):
+    return run(script, *args, check=False, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -147,40 +135,40 @@ def test_malformed_adapter_files_give_only_our_one_line_errors(tmp_path):
 def test_paths_are_checked_before_any_work(tiny, task, tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "a-file").write_text("x")
-    out = run("train.py", "--model", tiny, "--data", task, "--out", tmp_path / "folder")
+    out = run_unchecked("train.py", "--model", tiny, "--data", task, "--out", tmp_path / "folder")
     assert "--out" in user_error(out) and "is a directory" in out.stderr and out.stdout == ""
-    out = run("train.py", "--model", tiny, "--data", task, "--out", tmp_path / "a-file" / "para.pt")
+    out = run_unchecked("train.py", "--model", tiny, "--data", task, "--out", tmp_path / "a-file" / "para.pt")
     assert "cannot create its folder" in user_error(out) and out.stdout == ""
-    out = run("train.py", "--model", tiny, "--data", tmp_path / "folder", "--out", tmp_path / "x.pt")
+    out = run_unchecked("train.py", "--model", tiny, "--data", tmp_path / "folder", "--out", tmp_path / "x.pt")
     assert "is a directory, not a JSONL file" in user_error(out)
 
 
 def test_context_length_and_empty_prompts(tiny, task, tmp_path):
     long_prompt = "hello world " * 100   # over the tiny model's 128 positions
-    out = run("generate.py", "--model", tiny, "--prompt", long_prompt, "--max-new-tokens", "4")
+    out = run_unchecked("generate.py", "--model", tiny, "--prompt", long_prompt, "--max-new-tokens", "4")
     assert "--prompt 1: the prompt is" in user_error(out) and "the model's context of 128" in out.stderr
-    out = run("generate.py", "--model", tiny, "--prompt", long_prompt, "--max-new-tokens", "4", "--truncate", "--json")
+    out = run_unchecked("generate.py", "--model", tiny, "--prompt", long_prompt, "--max-new-tokens", "4", "--truncate", "--json")
     assert out.returncode == 0 and "warning: --prompt 1: prompt cut" in out.stderr
     assert json.loads(out.stdout)["prompt_tokens"] == 124
-    assert "leaves no room" in user_error(run("generate.py", "--model", tiny, "--prompt", "hi", "--max-new-tokens", "128"))
-    assert "--prompt 2: the prompt is empty" in user_error(run("generate.py", "--model", tiny, "--prompt", "hi",
+    assert "leaves no room" in user_error(run_unchecked("generate.py", "--model", tiny, "--prompt", "hi", "--max-new-tokens", "128"))
+    assert "--prompt 2: the prompt is empty" in user_error(run_unchecked("generate.py", "--model", tiny, "--prompt", "hi",
                                                                 "--prompt", " "))
-    out = run("train.py", "--model", tiny, "--data", task, "--out", tmp_path / "x.pt", "--max-len", "500")
+    out = run_unchecked("train.py", "--model", tiny, "--data", task, "--out", tmp_path / "x.pt", "--max-len", "500")
     assert "--max-len 500 is longer than the model's context of 128" in user_error(out)
     for content, message in [('{"prompt": "", "response": "b"}', "train.jsonl:1: the prompt is empty"),
                              ('{"prompt": "a", "response": " "}', "train.jsonl:1: the response is empty")]:
         (tmp_path / "train.jsonl").write_text(content + "\n")
-        assert message in user_error(run("train.py", "--model", tiny, "--data", tmp_path / "train.jsonl"))
+        assert message in user_error(run_unchecked("train.py", "--model", tiny, "--data", tmp_path / "train.jsonl"))
 
 
 def test_chat_mismatch_is_a_warning(tiny, tmp_path):
     model = load_model(tiny, device="cpu")
     add_adapter(model, AdapterConfig(rank=2))
     save_adapter(model, AdapterConfig(rank=2), tmp_path / "a.pt", extra={"train": {"chat": False}})
-    out = run("generate.py", "--model", tiny, "--adapter", tmp_path / "a.pt", "--chat", "--prompt", "hi",
+    out = run_unchecked("generate.py", "--model", tiny, "--adapter", tmp_path / "a.pt", "--chat", "--prompt", "hi",
               "--max-new-tokens", "2")
     assert out.returncode == 0 and "a.pt was trained without --chat" in out.stderr
-    out = run("generate.py", "--model", tiny, "--adapter", tmp_path / "a.pt", "--prompt", "hi", "--max-new-tokens", "2")
+    out = run_unchecked("generate.py", "--model", tiny, "--adapter", tmp_path / "a.pt", "--prompt", "hi", "--max-new-tokens", "2")
     assert out.returncode == 0 and "warning" not in out.stderr
 
 
@@ -231,7 +219,7 @@ def test_killed_at_random_moments_resumes_to_the_uninterrupted_adapter(tiny, tas
     evaluations, plus a few milliseconds: often inside a checkpoint or adapter write), then
     --resume, until a run finishes: the adapter equals an uninterrupted run's."""
     args = ["--epochs", "6", "--log-every", "1"]
-    whole = run("train.py", *train_args(tiny, task, tmp_path / "whole.pt", *args))
+    whole = run_unchecked("train.py", *train_args(tiny, task, tmp_path / "whole.pt", *args))
     assert whole.returncode == 0, whole.stderr
     out, checkpoint = tmp_path / "para.pt", tmp_path / "para.pt.resume"
     rng = random.Random(0)

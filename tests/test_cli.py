@@ -8,27 +8,7 @@ import sys
 import pytest
 import torch
 
-from checkpoints import write_model_with_tokenizer
-from conftest import ROOT
-
-
-def run(script, *args, check=True):
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def user_error(proc) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
-    return proc.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_model_with_tokenizer(tmp_path_factory.mktemp("tiny") / "model")
+from conftest import run, user_error
 
 
 @pytest.fixture(scope="module")
