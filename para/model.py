@@ -114,6 +114,15 @@ class AdapterRows:
         self.which = None if self.which is None else self.which.index_select(0, index)
         self.vectors = [None if v is None else v.index_select(index) for v in self.vectors]
 
+    def join(self, other: AdapterRows) -> AdapterRows:
+        """This batch's rows, then `other`'s; both must name each row's adapter."""
+        if self.which is None or other.which is None:
+            raise ValueError("joining batches needs each row's adapter (which) on both sides")
+        joined = AdapterRows(len(self.vectors), torch.cat((self.which, other.which)))
+        joined.vectors = [None if a is None else PromptVectors(*(torch.cat(pair) for pair in zip(a, b)))
+                          for a, b in zip(self.vectors, other.vectors)]
+        return joined
+
 
 class KVCache:
     """Keys and values of every layer for a batch, preallocated up to `max_len` positions,
@@ -174,6 +183,32 @@ class KVCache:
         self.valid = self.valid.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
         self.rows.reorder(index)
+
+    def join(self, other: KVCache, max_len: int) -> KVCache:
+        """A new cache with this cache's rows, then `other`'s (continuous batching: newcomers
+        join a running batch). Rows are right-aligned, so every row writes the same slot next;
+        slots that no row uses any more (padding of rows that left) are dropped."""
+        used = [(cache, int(cache.valid[:, :cache.pos].any(0).nonzero()[0])) for cache in (self, other)]
+        pos = max(cache.pos - first for cache, first in used)
+        if max_len < pos:
+            raise ValueError(f"a joined cache needs at least {pos} slots")
+        L, B, H, _, D = self.k.shape
+        rows = B + other.k.shape[1]
+        joined = object.__new__(KVCache)
+        joined.k = self.k.new_zeros(L, rows, H, max_len, D)
+        joined.v = self.v.new_zeros(L, rows, H, max_len, D)
+        joined.valid = self.valid.new_zeros(rows, max_len)
+        start = 0
+        for cache, first in used:
+            width, end = cache.pos - first, start + cache.k.shape[1]
+            joined.k[:, start:end, :, pos - width:pos] = cache.k[:, :, :, first:cache.pos]
+            joined.v[:, start:end, :, pos - width:pos] = cache.v[:, :, :, first:cache.pos]
+            joined.valid[start:end, pos - width:pos] = cache.valid[:, first:cache.pos]
+            start = end
+        joined.lengths = torch.cat((self.lengths, other.lengths))
+        joined.pos, joined.has_padding = pos, True
+        joined.rows = self.rows.join(other.rows)
+        return joined
 
 
 class Attention(nn.Module):
