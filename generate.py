@@ -16,11 +16,12 @@ from pathlib import Path
 
 import para
 from para.adapter_files import adapter_training, install_bank, load_adapter
-from para.cli import COUNT, SEED, add_model_args, bounded, model_dir, run_cli
+from para.cli import COUNT, SEED, add_model_args, bounded, run_cli
 from para.data import prompt_and_response
 from para.errors import UserError
 from para.files import read_jsonl, string_field
 from para.generation import Generation, Sampling, beam_search, generate
+from para.loading import model_dir
 from para.metrics import score
 
 
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=bounded(float, 0), default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=COUNT, default=None)
     parser.add_argument("--top-p", type=bounded(float, 0, 1, above=True), default=None, help="in (0, 1]")
-    parser.add_argument("--num-beams", type=COUNT, default=1, help="beam search with this many beams")
+    parser.add_argument("--num-beams", type=bounded(int, 1, 64), default=1, help="beam search with this many beams (at most 64)")
     parser.add_argument("--seed", type=SEED, default=None, help="seed for sampling")
     parser.add_argument("--batch-size", type=COUNT, default=16, help="prompts decoded together")
     parser.add_argument("--json", action="store_true", help="one JSON line per output, with token counts and speeds")
@@ -153,7 +154,7 @@ def main() -> None:
     stream = len(requests) == 1 and not as_json and not args.eval and args.num_beams == 1
     eos = set(tokenizer.eos_ids)
     texts = []
-    encoded = [encode(tokenizer, r, args, context) for r in requests]   # every refusal before any work
+    encoded = [encode(tokenizer, r, args, context) for r in requests]   # every refusal before generating
     for start in range(0, len(requests), args.batch_size):
         batch = requests[start:start + args.batch_size]
         ids = encoded[start:start + args.batch_size]

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import para
 from para.adapter_files import install_bank
-from para.cli import COUNT, add_model_args, model_dir, run_cli
+from para.cli import COUNT, add_model_args, run_cli
 from para.errors import UserError
 from para.generation import Sampling
+from para.loading import model_dir
 from para.serving import Job, Scheduler
 
 

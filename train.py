@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,11 +22,12 @@ from para.adapter_files import save_adapter
 from para.adapters import (DEFAULT_TARGETS, METHODS, POOLS, AdapterConfig, add_adapter, adapter_state,
                            lora_rank_matching, mark_only_adapter_trainable, parameter_counts)
 from para.baselines import SITES
-from para.cli import COUNT, SEED, add_model_args, bounded, model_dir, run_cli
+from para.cli import COUNT, SEED, add_model_args, bounded, run_cli
 from para.data import read_examples
 from para.distributed import World, close_world, init_world, shard_blocks
 from para.errors import UserError
 from para.files import WriteError, check_writable, remove_stale_temporaries
+from para.loading import model_dir
 from para.trainer import TrainConfig, Trainer
 
 
@@ -72,13 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def adapter_config(args: argparse.Namespace, config) -> AdapterConfig:
-    targets = None
-    if args.targets is not None:
-        if args.method == "para":
-            raise UserError("--targets is for the baselines (--method lora or ia3); PARA scales q,v,up")
-        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-        if not targets or any(t not in SITES for t in targets):
-            raise UserError(f"--targets {args.targets!r}: choose from {','.join(SITES)}")
+    """The adapter the flags describe; a flag that does not apply to the method is an error."""
+    given = {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in ("--rank", "--targets", "--lora-alpha")}
+    applies = {"para": ("--rank",), "ia3": ("--targets",), "lora": ("--rank", "--targets", "--lora-alpha")}[args.method]
+    for flag, value in given.items():
+        if value is not None and flag not in applies:
+            raise UserError(f"{flag} does not apply to --method {args.method}")
+    if args.pool != AdapterConfig.pool and args.method != "para":
+        raise UserError(f"--pool is PARA's; it does not apply to --method {args.method}")
+    if args.rank is not None and args.rank > config.hidden_size:
+        raise UserError(f"--rank {args.rank} is larger than the model's hidden size {config.hidden_size}")
+    targets = None if args.targets is None else tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if targets == ():
+        raise UserError(f"--targets {args.targets!r} names no projection; choose among {','.join(SITES)}")
     if args.method == "lora":
         targets = targets or DEFAULT_TARGETS["lora"]
         rank = args.rank or lora_rank_matching(config, targets)
@@ -162,7 +170,10 @@ def train(args: argparse.Namespace, world: World) -> None:
                          extra={"train": {"data": str(args.data), "chat": args.chat, "step": trainer.state.step}})
 
     checkpoint = checkpoint_path(args)
-    trainer = Trainer(model, params, train_set, dev, config, tokenizer.pad_id or 0, checkpoint, save_best, log, world)
+    run = {"adapter": asdict(adapter), "base": model.fingerprint, "data": [str(args.data), str(args.eval_data)],
+           "chat": args.chat, "max_len": max_len}
+    trainer = Trainer(model, params, train_set, dev, config, tokenizer.pad_id or 0, checkpoint, save_best, log, world,
+                      run)
     log(f"model {folder} ({model.config.arch}, {model.config.num_layers} layers) on {model.device}, {model.dtype}"
         + (f", {world.size} data-parallel ranks" if world.size > 1 else "") + (", blocks sharded (FSDP)" if args.fsdp else ""))
     log(f"data {len(train_set)} train / {len(dev)} dev examples, {truncated} truncated to {max_len} tokens "

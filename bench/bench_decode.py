@@ -12,10 +12,11 @@ import statistics
 import time
 
 import torch
-from common import NEW_TOKENS, load_with_prompt
 
 from para.cli import add_model_args, run_cli
 from para.generation import beam_search, generate
+
+from common import NEW_TOKENS, load_with_prompt
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:

@@ -23,12 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import NEW_TOKENS, PROMPT_TOKENS, load_with_prompt
 
 from para.adapter_files import install_bank, load_adapter, save_adapter
 from para.adapters import DEFAULT_TARGETS, AdapterConfig, add_adapter, is_adapter_parameter, lora_rank_matching
-from para.cli import add_model_args, model_dir, run_cli
+from para.cli import add_model_args, run_cli
 from para.generation import beam_search, generate
+from para.loading import model_dir
+
+from common import NEW_TOKENS, PROMPT_TOKENS, load_with_prompt
 
 METHODS = ("base", "para", "ia3", "lora")
 

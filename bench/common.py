@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 import para
-from para.cli import model_dir
+from para.loading import model_dir
 
 PROMPT_TOKENS, NEW_TOKENS = 274, 32
 TEXT = ("The history of the printing press begins in the fifteenth century, when movable metal type made "

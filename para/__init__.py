@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from para.cli import model_dir
 from para.config import ModelConfig
 from para.errors import CheckpointError, UserError
 from para.generation import Sampling, beam_search, generate
+from para.loading import model_dir
 from para.loading import load_model
 from para.model import KVCache, Transformer
 

@@ -69,6 +69,10 @@ def read_adapter(path: Path) -> dict:
         data["config"] = AdapterConfig(**data["config"])
     except (TypeError, UserError) as e:
         raise AdapterError(f"{path}: the file's adapter configuration is not valid ({e}); train it again") from None
+    plain = (int, str, type(None))
+    if not all(isinstance(v, plain) for v in data["base"].values()) or not isinstance(data.get("train", {}), dict) \
+            or not isinstance(data.get("train", {}).get("chat", False), (bool, type(None))):
+        raise AdapterError(f"{path}: the file's base or training description is damaged; train it again")
     return data
 
 
@@ -109,8 +113,12 @@ def check_base(data: dict, model: Transformer, path: Path) -> None:
 
 def check_tensors(data: dict, model: Transformer, path: Path) -> None:
     """Every tensor the adapter needs is there, shaped for this model; name the first that is not."""
-    state = data["state"]
-    for name, shape in expected_shapes(model.config, data["config"]).items():
+    state, expected = data["state"], expected_shapes(model.config, data["config"])
+    unknown = sorted(str(name) for name in state if name not in expected)
+    if unknown:
+        raise AdapterError(f"{path}: tensor {unknown[0]} is not one this adapter has; the file is damaged or "
+                           "from another version")
+    for name, shape in expected.items():
         tensor = state.get(name)
         if not isinstance(tensor, torch.Tensor):
             raise AdapterError(f"{path}: tensor {name} is missing; the file is damaged, train it again")

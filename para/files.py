@@ -4,6 +4,7 @@ rename)."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -46,7 +47,7 @@ def temporary_prefix(path: Path) -> str:
 
 def remove_stale_temporaries(path: Path) -> None:
     """Temporary files that a killed writer of `path` left behind: never read, only removed."""
-    for stale in path.parent.glob(temporary_prefix(path) + "*.tmp"):
+    for stale in path.parent.glob(glob.escape(temporary_prefix(path)) + "*.tmp"):
         stale.unlink(missing_ok=True)
 
 

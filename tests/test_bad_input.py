@@ -111,7 +111,10 @@ def malformed_adapters(good: dict, raw: bytes, seed: int = 0) -> list:
                {**good, "base": {**good["base"], "hidden_size": 10**30}},
                {**good, "config": {"method": "lora", "rank": 1e308}},
                {**good, "version": 1, "config": {"method": "lora"}, "state": {"layers.0.lora.x": 1}},
-               {**good, "version": 1, "config": {"method": "ia3"}, "base": {}, "state": {"layers.0.vg.b_up": 1}}])
+               {**good, "version": 1, "config": {"method": "ia3"}, "base": {}, "state": {"layers.0.vg.b_up": 1}},
+               {**good, "base": {**good["base"], "hidden_size": torch.tensor([32, 32])}},
+               {**good, "base": {**good["base"], "fingerprint": torch.ones(2)}}, {**good, "train": {"chat": torch.ones(2)}},
+               {**good, "state": {**state, "layers.0.vg.extra": torch.ones(1)}}])
 
 
 def test_malformed_adapter_files_give_only_our_one_line_errors(tmp_path):
@@ -247,3 +250,50 @@ def test_killed_at_random_moments_resumes_to_the_uninterrupted_adapter(tiny, tas
     assert proc.returncode == 0 and kills >= 3
     assert_same_adapter(out, tmp_path / "whole.pt")
     assert not checkpoint.exists() and not list(tmp_path.glob(".para.pt*.tmp"))
+
+
+def test_a_failed_last_write_of_a_short_run_is_resumable(tiny, task, tmp_path, monkeypatch):
+    """No dev set and fewer steps than --eval-every: the checkpoint written before the adapter
+    still lets the run finish after the adapter's write fails."""
+    args = ["--dev-fraction", "0", "--eval-every", "200"]
+    monkeypatch.setattr(sys, "argv", ["train.py", *train_args(tiny, task, tmp_path / "whole.pt", *args)])
+    train.main()
+    real_fsync = os.fsync
+    writes = []
+
+    def adapter_write_fails(fd):
+        writes.append(fd)
+        if len(writes) == 2:   # the checkpoint at the last step went through; the adapter does not
+            raise OSError(errno.EROFS, "Read-only file system")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", adapter_write_fails)
+    out = tmp_path / "para.pt"
+    monkeypatch.setattr(sys, "argv", ["train.py", *train_args(tiny, task, out, *args)])
+    with pytest.raises(UserError, match=r"Read-only file system.*continue with --resume"):
+        train.main()
+    assert not out.exists() and (tmp_path / "para.pt.resume").exists()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(sys, "argv", ["train.py", *train_args(tiny, task, out, *args, "--resume")])
+    train.main()
+    assert_same_adapter(out, tmp_path / "whole.pt")
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny, task, tmp_path):
+    common = ["--model", tiny, "--data", task, "--out", tmp_path / "a.pt", "--method", "ia3", "--epochs", "2",
+              "--batch-size", "8", "--eval-every", "100"]
+    assert run_unchecked("train.py", *common, "--stop-after", "1").returncode == 130
+    out = run_unchecked("train.py", *common, "--targets", "q,v,up", "--resume")
+    assert "made by a run with other settings (adapter: targets)" in user_error(out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "ia3", "--rank", "4"], "--rank does not apply to --method ia3"),
+    (["--method", "lora", "--pool", "norm"], "--pool is PARA's"),
+    (["--targets", "q,v"], "--targets does not apply to --method para"),
+    (["--method", "lora", "--targets", ","], "names no projection"),
+    (["--rank", "100000"], "larger than the model's hidden size 32"),
+])
+def test_flags_that_do_not_apply_are_refused(tiny, task, tmp_path, argv, message):
+    out = run_unchecked("train.py", "--model", tiny, "--data", task, "--out", tmp_path / "x.pt", *argv)
+    assert message in user_error(out)
