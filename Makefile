@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install weights demo test check-install bench bench-methods bench-quality clean
+.PHONY: install weights demo test check-install bench bench-methods bench-quality bench-serve clean
 
 install: $(STAMP)  ## create .venv with the pinned packages and this repo installed editable
 
@@ -41,6 +41,9 @@ bench: weights  ## prefill/decode speed of the default model on this machine
 
 bench-methods: weights  ## the paper's efficiency table: base, PARA, (IA)^3, LoRA; beams 1 and 3; multi-tenant batches
 	$(PY) bench/bench_methods.py
+
+bench-serve: weights  ## serve.py under load: 8 clients over 8 adapters, continuous batching vs one at a time, PARA vs LoRA
+	$(PY) bench/bench_serve.py
 
 bench-quality: weights  ## PARA vs LoRA vs (IA)^3 on data/suite_*.jsonl, 3 seeds (about an hour on 2 cores), with a plot
 	$(PY) -m pip install -q matplotlib==3.11.2

@@ -18,43 +18,18 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from para.adapter_files import install_bank, load_adapter, save_adapter
-from para.adapters import DEFAULT_TARGETS, AdapterConfig, add_adapter, is_adapter_parameter, lora_rank_matching
+from para.adapter_files import install_bank, load_adapter
 from para.cli import add_model_args, run_cli
 from para.generation import beam_search, generate
 from para.loading import model_dir
 
-from common import NEW_TOKENS, PROMPT_TOKENS, load_with_prompt
+from common import NEW_TOKENS, PROMPT_TOKENS, adapter_config, load_with_prompt, make_adapter
 
 METHODS = ("base", "para", "ia3", "lora")
-
-
-def adapter_config(model, method: str) -> AdapterConfig:
-    """Each method with train.py's defaults: LoRA on PARA's sites, sized to PARA's parameter
-    count; (IA)^3 on its published sites (K, V, the FFN intermediate)."""
-    if method == "lora":
-        return AdapterConfig("lora", lora_rank_matching(model.config, DEFAULT_TARGETS["lora"]))
-    return AdapterConfig(method)
-
-
-def make_adapter(model, method: str, seed: int) -> Path:
-    """A trained-looking adapter file: the method's initialisation plus random noise."""
-    config = adapter_config(model, method)
-    torch.manual_seed(seed)
-    add_adapter(model, config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter_parameter(name):
-                p.add_(torch.randn_like(p) * 0.01)
-    path = Path(tempfile.mkdtemp()) / f"{method}-{seed}.pt"
-    save_adapter(model, config, path)
-    return path
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -5,8 +5,14 @@ this checkout in .venv, editable)."""
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
+
+import torch
 
 import para
+from para.adapter_files import save_adapter
+from para.adapters import DEFAULT_TARGETS, AdapterConfig, add_adapter, is_adapter_parameter, lora_rank_matching
 from para.loading import model_dir
 
 PROMPT_TOKENS, NEW_TOKENS = 274, 32
@@ -20,3 +26,26 @@ def load_with_prompt(args: argparse.Namespace):
     model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
     prompt = tokenizer.encode(TEXT * 20, add_special_tokens=False)[:PROMPT_TOKENS]
     return model, tokenizer, prompt
+
+
+def adapter_config(model, method: str) -> AdapterConfig:
+    """Each method with train.py's defaults: LoRA on PARA's sites, sized to PARA's parameter
+    count; (IA)^3 on its published sites (K, V, the FFN intermediate)."""
+    if method == "lora":
+        return AdapterConfig("lora", lora_rank_matching(model.config, DEFAULT_TARGETS["lora"]))
+    return AdapterConfig(method)
+
+
+def make_adapter(model, method: str, seed: int) -> Path:
+    """A trained-looking adapter file (speed does not depend on what an adapter learned): the
+    method's initialisation plus random noise, in a temporary folder."""
+    config = adapter_config(model, method)
+    torch.manual_seed(seed)
+    add_adapter(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_parameter(name):
+                p.add_(torch.randn_like(p) * 0.01)
+    path = Path(tempfile.mkdtemp()) / f"{method}-{seed}.pt"
+    save_adapter(model, config, path)
+    return path
