@@ -108,6 +108,14 @@ def example_length(args: argparse.Namespace, context: int) -> int:
     return args.max_len
 
 
+def read_data(args: argparse.Namespace, tokenizer, max_len: int) -> tuple[list, list, int]:
+    """(training examples, dev examples, how many were truncated)."""
+    examples, truncated = read_examples(args.data, tokenizer, args.chat, max_len)
+    if args.eval_data:
+        return examples, read_examples(args.eval_data, tokenizer, args.chat, max_len)[0], truncated
+    return *split_dev(examples, args.dev_fraction, args.seed), truncated
+
+
 def split_dev(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     if fraction == 0 or len(examples) < 2:
         return examples, []
@@ -143,12 +151,7 @@ def train(args: argparse.Namespace, world: World) -> None:
     folder = model_dir(args.model)
     model, tokenizer = para.load(folder, world.device(args.device), args.dtype)
     max_len = example_length(args, model.config.max_position_embeddings)
-    examples, truncated = read_examples(args.data, tokenizer, args.chat, max_len)
-    if args.eval_data:
-        train_set, dev = examples, read_examples(args.eval_data, tokenizer, args.chat, max_len)[0]
-    else:
-        train_set, dev = split_dev(examples, args.dev_fraction, args.seed)
-
+    train_set, dev, truncated = read_data(args, tokenizer, max_len)
     torch.manual_seed(args.seed)
     adapter = adapter_config(args, model.config)
     add_adapter(model, adapter)
@@ -175,8 +178,8 @@ def train(args: argparse.Namespace, world: World) -> None:
     trainer = Trainer(model, params, train_set, dev, config, tokenizer.pad_id or 0, checkpoint, save_best, log, world,
                       run)
     log(f"model {folder} ({model.config.arch}, {model.config.num_layers} layers) on {model.device}, {model.dtype}"
-        + (f", {world.size} data-parallel ranks" if world.size > 1 else "") + (", blocks sharded (FSDP)" if args.fsdp else ""))
-    log(f"data {len(train_set)} train / {len(dev)} dev examples, {truncated} truncated to {max_len} tokens "
+        + (f", {world.size} data-parallel ranks" if world.size > 1 else "") + (", blocks sharded (FSDP)" if args.fsdp else "")
+        + f"\ndata {len(train_set)} train / {len(dev)} dev examples, {truncated} truncated to {max_len} tokens "
         "(prompt cut from its start, response from its end)")
     weights, biases = parameter_counts(model)
     split = f" = {weights:,} weights + {biases:,} biases" if adapter.method == "para" else ""

@@ -14,7 +14,7 @@ VectorGenerator that turns the hidden state of the prompt's last token into vect
 l_u; they scale the outputs of the Q, V and Up projections (three multiplies, in Attention and
 MLP). They are made once, on the pass that holds the prompt's end (the caller says where), kept
 in the AdapterRows that the KV cache carries, and reused by every decoding step.
-The baselines ((IA)^3, LoRA) are not here: para/baselines.py wraps projections from outside.
+The baselines PARA is compared with are not here: para/baselines.py wraps projections from outside.
 The KV cache is an explicit object with preallocated buffers; without one, `forward` is the
 plain full-sequence path that the tests compare the cached path against.
 """
