@@ -35,6 +35,7 @@ from para.errors import UserError
 from para.generation import Sampling
 from para.loading import model_dir
 from para.serving import Job, Scheduler
+from tokenizer import Tokenizer
 
 
 class ApiError(Exception):
@@ -45,14 +46,14 @@ class ApiError(Exception):
         self.status, self.param, self.code = status, param, code
 
     def body(self) -> dict:
-        kind = {404: "not_found_error", 503: "server_overloaded"}.get(self.status, "invalid_request_error")
+        kind = {500: "server_error", 503: "server_overloaded"}.get(self.status, "invalid_request_error")
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
 @dataclass
 class Service:
     scheduler: Scheduler
-    tokenizer: object
+    tokenizer: Tokenizer
     slots: dict[str, int]      # model name -> slot in the bank ("base" is 0)
     context: int               # the model's max_position_embeddings
 
@@ -71,12 +72,16 @@ def number(body: dict, key: str, default, low: float, high: float, integer: bool
 
 def text_of(content, where: str) -> str:
     """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, f"'{where}' must be a string or a list of text parts", where)
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"'{where}' must be a string or a list of text parts", where)
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"), which no text holds
+        raise ApiError(400, f"'{where}' holds an invalid Unicode escape (a lone surrogate)", where) from None
+    return content
 
 
 def prompt_ids(service: Service, body: dict, chat: bool) -> list[int]:
@@ -88,7 +93,7 @@ def prompt_ids(service: Service, body: dict, chat: bool) -> list[int]:
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant"):
                 raise ApiError(400, f"messages[{i}].role must be system, user or assistant", "messages")
-            turns.append({"role": m["role"], "content": text_of(m.get("content"), f"messages[{i}].content")})
+            turns.append({"role": m["role"], "content": text_of(m.get("content"), "messages")})
         try:
             return service.tokenizer.encode_chat(turns)
         except Exception as e:  # the template rejects the conversation (e.g. no system role)
@@ -98,18 +103,20 @@ def prompt_ids(service: Service, body: dict, chat: bool) -> list[int]:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
-    return service.tokenizer.encode(prompt)
+    return service.tokenizer.encode(text_of(prompt, "prompt"))
 
 
-def parse_request(service: Service, body: dict, chat: bool) -> tuple[Job, str, bool]:
-    """(the job, the model name, whether to stream) for a request body, or an ApiError."""
+def parse_request(service: Service, body: dict, chat: bool) -> tuple[Job, str, tuple[bool, bool]]:
+    """(the job, the model name, (whether to stream, whether the stream ends with usage)) for a
+    request body, or an ApiError."""
     name = body.get("model")
     if not isinstance(name, str):
         raise ApiError(400, "'model' must be a string: 'base' or an adapter name", "model")
     if name not in service.slots:
         raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists them", "model", "model_not_found")
-    if number(body, "n", 1, 1, 1, integer=True) != 1:
-        raise ApiError(400, "only n = 1 is supported", "n")
+    for key, ok in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)), ("logprobs", (None, False))):
+        if body.get(key) not in ok:
+            raise ApiError(400, f"'{key}' is not supported here (leave it out)", key)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -120,7 +127,8 @@ def parse_request(service: Service, body: dict, chat: bool) -> tuple[Job, str, b
     ids = prompt_ids(service, body, chat)
     room = service.context - len(ids)
     key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-    max_tokens = number(body, key, 16 if not chat else max(room, 1), 1, 1_000_000, integer=True)
+    # OpenAI's defaults: 16 for completions; for chat (unbounded there) generate.py's 256
+    max_tokens = number(body, key, 16 if not chat else max(min(256, room), 1), 1, 1_000_000, integer=True)
     if len(ids) + max_tokens > service.context:
         raise ApiError(400, f"the prompt is {len(ids)} tokens and {key} {max_tokens}: more than the model's context "
                             f"of {service.context}", key, "context_length_exceeded")
@@ -129,98 +137,10 @@ def parse_request(service: Service, body: dict, chat: bool) -> tuple[Job, str, b
                         seed=number(body, "seed", None, 0, 2**63 - 1, integer=True))
     if sampling.top_p == 0:
         raise ApiError(400, "'top_p' must be above 0", "top_p")
-    return Job(ids, service.slots[name], max_tokens, sampling, stop), name, stream
-
-
-class Handler(BaseHTTPRequestHandler):
-    service: Service   # set on the subclass that main() makes
-
-    def do_GET(self) -> None:
-        if self.path == "/v1/models":
-            models = [{"id": name, "object": "model", "created": 0, "owned_by": "para"} for name in self.service.slots]
-            return self.send_json(200, {"object": "list", "data": models})
-        if self.path == "/health":
-            return self.send_json(200, self.service.scheduler.load())
-        self.send_json(404, ApiError(404, f"no route GET {self.path}").body())
-
-    def do_POST(self) -> None:
-        chat = self.path == "/v1/chat/completions"
-        if self.path not in ("/v1/completions", "/v1/chat/completions"):
-            return self.send_json(404, ApiError(404, f"no route POST {self.path}").body())
-        started = time.perf_counter()
-        try:
-            body = self.read_body()
-            job, name, stream = parse_request(self.service, body, chat)
-            if not self.service.scheduler.submit(job):
-                raise ApiError(503, "the server is busy or stopping (queue full); retry later")
-        except ApiError as e:
-            return self.send_json(e.status, e.body())
-        reply = Reply(name, chat, job)
-        if stream:
-            self.stream(reply)
-        else:
-            self.answer(reply)
-        self.log_request_line(name, job, started)
-
-    def read_body(self) -> dict:
-        try:
-            length = int(self.headers.get("Content-Length", 0))
-            body = json.loads(self.rfile.read(length) or b"null")
-        except (ValueError, RecursionError):
-            raise ApiError(400, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return body
-
-    def answer(self, reply: Reply) -> None:
-        while reply.job.events.get()[1] is None:
-            pass
-        if reply.job.finish_reason == "error":
-            return self.send_json(500, {"error": {"message": reply.job.text, "type": "server_error",
-                                                  "param": None, "code": None}})
-        self.send_json(200, reply.whole())
-
-    def stream(self, reply: Reply) -> None:
-        """Server-sent events in OpenAI's chunk format, then [DONE]. A client that goes away
-        cancels its job, which frees its row at the next step."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-        try:
-            self.send_event(reply.chunk("", None, first=True))
-            reason = None
-            while reason is None:
-                text, reason = reply.job.events.get()
-                if text or reason:
-                    self.send_event(reply.chunk(text, reason))
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            reply.job.cancelled.set()
-
-    def send_event(self, payload: dict) -> None:
-        self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
-        self.wfile.flush()
-
-    def send_json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_request_line(self, name: str, job: Job, started: float) -> None:
-        done = job.finished_at or time.perf_counter()
-        ttft = (job.first_token_at or done) - started
-        rate = max(len(job.tokens) - 1, 0) / max(done - (job.first_token_at or done), 1e-9)
-        print(f"{self.command} {self.path} model={name} prompt_tokens={len(job.prompt)} "
-              f"completion_tokens={len(job.tokens)} ttft={ttft:.3f}s tokens/s={rate:.1f} "
-              f"finish={job.finish_reason}", file=sys.stderr, flush=True)
-
-    def log_message(self, format: str, *args) -> None:
-        pass  # one line per request comes from log_request_line
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
+    return Job(ids, service.slots[name], max_tokens, sampling, stop), name, (stream, options.get("include_usage", False))
 
 
 @dataclass
@@ -237,17 +157,23 @@ class Reply:
     def head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
+    def kind(self, part: str = "") -> str:
+        if self.chat:
+            return "chat.completion.chunk" if part == "chunk" else "chat.completion"
+        return "text_completion"
+
+    def usage(self) -> dict:
+        prompt, completion = len(self.job.prompt), len(self.job.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
     def whole(self) -> dict:
         job = self.job
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": job.text}}
         else:
             choice = {"index": 0, "text": job.text}
-        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens),
-                 "total_tokens": len(job.prompt) + len(job.tokens)}
-        kind = "chat.completion" if self.chat else "text_completion"
-        return {**self.head(kind), "choices": [{**choice, "logprobs": None, "finish_reason": job.finish_reason}],
-                "usage": usage}
+        return {**self.head(self.kind()), "choices": [{**choice, "logprobs": None, "finish_reason": job.finish_reason}],
+                "usage": self.usage()}
 
     def chunk(self, text: str, reason: str | None, first: bool = False) -> dict:
         if self.chat:
@@ -255,8 +181,126 @@ class Reply:
             choice = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": text}
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self.head(kind), "choices": [{**choice, "logprobs": None, "finish_reason": reason}]}
+        return {**self.head(self.kind("chunk")), "choices": [{**choice, "logprobs": None, "finish_reason": reason}]}
+
+
+class Handler(BaseHTTPRequestHandler):
+    service: Service   # set on the subclass that main() makes
+    timeout = 30       # seconds a client may stall mid-request: shutdown never waits on it for ever
+    MAX_BODY = 8 * 2**20
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path == "/v1/models":
+            return self.send_json(200, {"object": "list", "data": [self.model_card(n) for n in self.service.slots]})
+        if path.startswith("/v1/models/") and path.removeprefix("/v1/models/") in self.service.slots:
+            return self.send_json(200, self.model_card(path.removeprefix("/v1/models/")))
+        if path == "/health":
+            return self.send_json(200, self.service.scheduler.load())
+        self.refuse(ApiError(404, f"no route GET {path}"))
+
+    def do_POST(self) -> None:
+        path = self.path.split("?")[0]
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            return self.refuse(ApiError(404, f"no route POST {path}"))
+        started = time.perf_counter()
+        try:
+            job, name, (stream, usage) = parse_request(self.service, self.read_body(), path.endswith("chat/completions"))
+            if not self.service.scheduler.submit(job):
+                raise ApiError(503, "the server is busy or stopping (queue full); retry later")
+        except ApiError as e:
+            return self.refuse(e)
+        except Exception as e:  # a bug: the client still gets an answer, the server goes on
+            return self.refuse(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+        reply = Reply(name, path.endswith("chat/completions"), job)
+        try:
+            if stream:
+                self.stream(reply, usage)
+            else:
+                self.answer(reply)
+        except OSError:   # the client went away (or stalled past the timeout)
+            job.cancelled.set()
+        self.log_request_line(name, job, started)
+
+    def do_PUT(self) -> None:
+        self.refuse(ApiError(405, f"method {self.command} is not allowed here"))
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "para"}
+
+    def read_body(self) -> dict:
+        try:
+            length = int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number") from None
+        if not 0 <= length <= self.MAX_BODY:
+            raise ApiError(413 if length > 0 else 400, f"a body of {length} bytes is not accepted "
+                                                      f"(at most {self.MAX_BODY})")
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except (ValueError, RecursionError):
+            raise ApiError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def answer(self, reply: Reply) -> None:
+        while reply.job.events.get()[1] is None:
+            pass
+        if reply.job.finish_reason in ("error", "unavailable"):
+            status = 503 if reply.job.finish_reason == "unavailable" else 500
+            return self.send_json(status, ApiError(status, reply.job.text).body())
+        self.send_json(200, reply.whole())
+
+    def stream(self, reply: Reply, usage: bool) -> None:
+        """Server-sent events in OpenAI's chunk format, then [DONE]. A client that goes away
+        cancels its job (the caller catches the failed write), which frees its row."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.send_event(reply.chunk("", None, first=True))
+        reason = None
+        while reason is None:
+            text, reason = reply.job.events.get()
+            if reason in ("error", "unavailable"):
+                self.send_event(ApiError(500, text).body())   # the openai client raises APIError on it
+            elif text or reason:
+                self.send_event(reply.chunk(text, reason))
+        if usage:
+            self.send_event({**reply.head(reply.kind("chunk")), "choices": [], "usage": reply.usage()})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def send_event(self, payload: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+        self.wfile.flush()
+
+    def send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def refuse(self, error: ApiError) -> None:
+        print(f"{self.command} {self.path} status={error.status} error={str(error)!r}", file=sys.stderr, flush=True)
+        self.send_json(error.status, error.body())
+
+    def log_request_line(self, name: str, job: Job, started: float) -> None:
+        done = job.finished_at or time.perf_counter()
+        ttft = (job.first_token_at or done) - started
+        rate = max(len(job.tokens) - 1, 0) / max(done - (job.first_token_at or done), 1e-9)
+        finish = "cancelled" if job.cancelled.is_set() else job.finish_reason
+        print(f"{self.command} {self.path} model={name} prompt_tokens={len(job.prompt)} "
+              f"completion_tokens={len(job.tokens)} ttft={ttft:.3f}s tokens/s={rate:.1f} finish={finish}",
+              file=sys.stderr, flush=True)
+
+    def log_message(self, format: str, *args) -> None:
+        pass  # one line per request comes from log_request_line or refuse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -303,6 +347,8 @@ def main() -> None:
 
     def stop(signum, frame) -> None:
         print(f"{signal.Signals(signum).name}: finishing the requests in flight", file=sys.stderr, flush=True)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)   # a second signal ends the server at once
         threading.Thread(target=server.shutdown).start()
 
     signal.signal(signal.SIGTERM, stop)

@@ -32,18 +32,24 @@ from common import NEW_TOKENS, TEXT, load_with_prompt, make_adapter
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def stream_one(url: str, model: str, prompt: str) -> tuple[float, list[float]]:
-    """One streamed completion: seconds to the first text, and the arrival time of each chunk."""
+def stream_one(url: str, model: str, prompt: str) -> tuple[float, list[float], int]:
+    """One streamed completion: seconds to the first text, the arrival time of each chunk, and
+    the completion's tokens (from the usage the stream ends with)."""
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
-                       "stream": True}).encode()
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
     request = urllib.request.Request(url + "/completions", data=body, headers={"Content-Type": "application/json"})
     start = time.perf_counter()
-    arrivals = []
+    arrivals, tokens = [], 0
     with urllib.request.urlopen(request, timeout=600) as response:
         for line in response:
-            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"][0]["text"]:
                 arrivals.append(time.perf_counter() - start)
-    return arrivals[0], arrivals
+    return arrivals[0], arrivals, tokens
 
 
 def load_run(url: str, names: list[str], clients: int, requests: int) -> dict:
@@ -68,9 +74,9 @@ def load_run(url: str, names: list[str], clients: int, requests: int) -> dict:
     wall = time.perf_counter() - start
     if errors:
         sys.exit(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    ttft = [first for first, _ in results]
-    per_token = [b - a for _, arrivals in results for a, b in zip(arrivals, arrivals[1:])]
-    return {"wall": wall, "tokens": NEW_TOKENS * len(results), "ttft": ttft, "per_token": per_token}
+    ttft = [first for first, _, _ in results]
+    per_token = [b - a for _, arrivals, _ in results for a, b in zip(arrivals, arrivals[1:])]
+    return {"wall": wall, "tokens": sum(tokens for _, _, tokens in results), "ttft": ttft, "per_token": per_token}
 
 
 def percentile(values: list[float], q: float) -> float:

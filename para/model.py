@@ -135,6 +135,7 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype, which: torch.Tensor | None = None):
+        self.config = config
         shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -188,20 +189,17 @@ class KVCache:
         """A new cache with this cache's rows, then `other`'s (continuous batching: newcomers
         join a running batch). Rows are right-aligned, so every row writes the same slot next;
         slots that no row uses any more (padding of rows that left) are dropped."""
-        used = [(cache, int(cache.valid[:, :cache.pos].any(0).nonzero()[0])) for cache in (self, other)]
-        pos = max(cache.pos - first for cache, first in used)
+        first_used = {id(c): int(c.valid[:, :c.pos].any(0).nonzero()[0]) for c in (self, other)}
+        pos = max(c.pos - first_used[id(c)] for c in (self, other))
         if max_len < pos:
             raise ValueError(f"a joined cache needs at least {pos} slots")
-        L, B, H, _, D = self.k.shape
-        rows = B + other.k.shape[1]
-        joined = object.__new__(KVCache)
-        joined.k = self.k.new_zeros(L, rows, H, max_len, D)
-        joined.v = self.v.new_zeros(L, rows, H, max_len, D)
-        joined.valid = self.valid.new_zeros(rows, max_len)
+        rows = len(self.lengths) + len(other.lengths)
+        joined = KVCache(self.config, rows, max_len, self.k.device, self.k.dtype)
         start = 0
-        for cache, first in used:
-            width, end = cache.pos - first, start + cache.k.shape[1]
-            joined.k[:, start:end, :, pos - width:pos] = cache.k[:, :, :, first:cache.pos]
+        for cache in (self, other):
+            first, end = first_used[id(cache)], start + len(cache.lengths)
+            width = cache.pos - first                       # slots still in use, moved to end at `pos`
+            joined.k[:, start:end, :, pos - width:pos] = cache.k[:, :, :, first:cache.pos]   # (L, B, H_kv, S, D)
             joined.v[:, start:end, :, pos - width:pos] = cache.v[:, :, :, first:cache.pos]
             joined.valid[start:end, pos - width:pos] = cache.valid[:, first:cache.pos]
             start = end

@@ -5,7 +5,7 @@ batch uses slot which[i]; slot 0 is the base model). Requests wait in a bounded 
 two decoding steps the scheduler prefills the newcomers together, joins their cache rows and
 PARA vectors to the running batch (KVCache.join), samples one token for every row with that
 row's own settings, hands each row's new text to its request, and lets finished rows leave.
-PARA and (IA)^3 rows cost nothing extra per step; LoRA rows add their per-row products.
+PARA rows cost nothing extra per step; (IA)^3 and LoRA rows gather their own slot's weights.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from para.generation import Sampling, decode_one, logits_to_probs, prefill
+from para.generation import Sampling, decode_one, prefill, sample
 from para.model import KVCache, Transformer
+
+GREEDY_BELOW = 1e-5   # a temperature this close to 0 is greedy (dividing by it would overflow)
 
 
 @dataclass
 class Job:
-    """One request as the scheduler sees it; `events` carries (text, finish_reason) to the
-    HTTP handler: a piece of new text with None, then a last item with the reason."""
+    """One request as the scheduler sees it. `events` carries (text, finish_reason) to the HTTP
+    handler: pieces of new text with None, then a last item with the reason: "stop", "length",
+    "error" (the text is the message), "unavailable" (the server stopped before it began)."""
     prompt: list[int]
     slot: int                                    # the adapter's slot in the bank (0 = base model)
     max_tokens: int
@@ -36,6 +39,8 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     text: str = ""                               # the text so far (sent, and held back for stop strings)
     sent: int = 0                                # characters of `text` handed to the client
+    decoder: object = None                       # its streaming detokenizer, from the scheduler
+    generator: torch.Generator | None = None     # its own random numbers, when it has a seed
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -43,13 +48,15 @@ class Job:
 
 
 class Scheduler(threading.Thread):
+    """The one thread that runs the model: admits queued jobs between decoding steps, decodes
+    every running row one token per step, and answers each job through its `events`."""
+
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 16, max_queue: int = 64):
         super().__init__(name="scheduler", daemon=True)
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.running: list[Job] = []       # one per row of the cache
-        self.decoders: list = []           # each row's streaming detokenizer
-        self.generators: list[torch.Generator | None] = []
+        self.running: list[Job] = []       # one per row of the cache, in order
+        self.admitting: list[Job] = []     # taken from the queue, being prefilled
         self.cache: KVCache | None = None
         self.logits: torch.Tensor | None = None   # (rows, vocab): each row's next-token logits
         self.eos = set(tokenizer.eos_ids)
@@ -80,18 +87,20 @@ class Scheduler(threading.Thread):
                 self.admit()
                 if self.running:
                     self.step()
-            except Exception as error:  # a bug must not leave clients waiting forever
+            except Exception as error:  # a bug or out of memory must not leave clients waiting forever
                 traceback.print_exc()
-                for job in self.running:
-                    job.text, job.sent = f"internal error: {error}", 0
-                    self.finish(job, "error")
+                for job in self.running + self.admitting:
+                    self.fail(job, f"internal error: {type(error).__name__}: {error}")
+                self.admitting = []
                 self.leave([])
+        while not self.waiting.empty():  # submitted in the moment the server began to stop
+            self.fail(self.waiting.get_nowait(), "the server is stopping", "unavailable")
 
     def step(self) -> None:
         """One token for every running row, then one decoding step for the rows that go on."""
-        tokens = [self.sample(i) for i in range(len(self.running))]
-        for job, decoder, token in zip(self.running, self.decoders, tokens):
-            self.extend(job, decoder, token)
+        tokens = self.sample_all()
+        for job, token in zip(self.running, tokens):
+            self.extend(job, token)
         keep = [i for i, job in enumerate(self.running) if job.finish_reason is None]
         self.leave(keep)
         if keep:
@@ -100,50 +109,51 @@ class Scheduler(threading.Thread):
 
     def admit(self) -> None:
         """Prefill the waiting jobs that fit and join them to the running batch."""
-        newcomers = []
         if len(self.running) >= self.max_batch:
             return
         try:
-            newcomers.append(self.waiting.get(timeout=0.05) if not self.running else self.waiting.get_nowait())
-            while len(self.running) + len(newcomers) < self.max_batch:
-                newcomers.append(self.waiting.get_nowait())
+            self.admitting.append(self.waiting.get(timeout=0.05) if not self.running else self.waiting.get_nowait())
+            while len(self.running) + len(self.admitting) < self.max_batch:
+                self.admitting.append(self.waiting.get_nowait())
         except queue.Empty:
             pass
-        newcomers = [job for job in newcomers if not self.finish_if_cancelled(job)]
-        if not newcomers:
-            return
-        cache, logits = prefill(self.model, [job.prompt for job in newcomers], max(job.max_tokens for job in newcomers),
-                                self.pad_id, which=[job.slot for job in newcomers])
-        if self.running:
-            jobs = self.running + newcomers
-            room = max(job.max_tokens - len(job.tokens) for job in jobs)
-            cache = self.cache.join(cache, max_len=max(self.cache.pos, cache.pos) + room)
-            logits = torch.cat((self.logits, logits))
-        self.cache, self.logits = cache, logits
-        self.running += newcomers
-        self.decoders += [self.tokenizer.stream() for _ in newcomers]
-        self.generators += [self.generator(job.sampling.seed) for job in newcomers]
+        newcomers = [job for job in self.admitting if not self.finish_if_cancelled(job)]
+        if newcomers:
+            cache, logits = prefill(self.model, [job.prompt for job in newcomers],
+                                    max(job.max_tokens for job in newcomers), self.pad_id,
+                                    which=[job.slot for job in newcomers])
+            if self.running:
+                room = max(job.max_tokens - len(job.tokens) for job in self.running + newcomers)
+                cache = self.cache.join(cache, max_len=max(self.cache.pos, cache.pos) + room)
+                logits = torch.cat((self.logits, logits))
+            for job in newcomers:
+                job.decoder = self.tokenizer.stream()
+                if job.sampling.seed is not None:
+                    job.generator = torch.Generator(self.model.device).manual_seed(job.sampling.seed)
+            self.cache, self.logits = cache, logits
+            self.running += newcomers
+        self.admitting = []
 
-    def generator(self, seed: int | None) -> torch.Generator | None:
-        return None if seed is None else torch.Generator(self.model.device).manual_seed(seed)
+    def sample_all(self) -> list[int]:
+        """Each row's next token with its own settings: what generate() draws for it alone."""
+        greedy = self.logits.argmax(-1).tolist()   # one pass and one sync for every greedy row
+        tokens = []
+        for row, job in enumerate(self.running):
+            if job.sampling.temperature < GREEDY_BELOW:
+                tokens.append(greedy[row])
+            else:
+                tokens.append(int(sample(self.logits[row:row + 1], job.sampling, job.generator)))
+        return tokens
 
-    def sample(self, row: int) -> int:
-        """Row's next token with its own settings: what generate() draws for it alone."""
-        sampling, logits = self.running[row].sampling, self.logits[row:row + 1]
-        if sampling.temperature <= 0:
-            return int(logits.argmax(-1))
-        probs = logits_to_probs(logits, sampling)
-        return int(torch.multinomial(probs, 1, generator=self.generators[row]))
-
-    def extend(self, job: Job, decoder, token: int) -> None:
+    def extend(self, job: Job, token: int) -> None:
         """Add a token to a job: new text for its client, and whether the job is finished."""
         job.first_token_at = job.first_token_at or time.perf_counter()
         job.tokens.append(token)
         ended = token in self.eos or len(job.tokens) == job.max_tokens
         if token in self.eos:
-            job.text += decoder.flush()
+            job.text += job.decoder.flush()
         else:
-            job.text += decoder.push(token) + (decoder.flush() if ended else "")
+            job.text += job.decoder.push(token) + (job.decoder.flush() if ended else "")
         cut = min((i for i in (job.text.find(s) for s in job.stop) if i >= 0), default=-1)
         if cut >= 0:
             job.text = job.text[:cut]
@@ -163,6 +173,10 @@ class Scheduler(threading.Thread):
         job.events.put((job.text[job.sent:], reason))
         job.sent = len(job.text)
 
+    def fail(self, job: Job, message: str, reason: str = "error") -> None:
+        job.text, job.sent = message, 0
+        self.finish(job, reason)
+
     def finish_if_cancelled(self, job: Job) -> bool:
         if job.cancelled.is_set():
             job.finish_reason, job.finished_at = "cancelled", time.perf_counter()
@@ -170,12 +184,10 @@ class Scheduler(threading.Thread):
         return False
 
     def leave(self, keep: list[int]) -> None:
-        """Finished rows leave the batch; their cache rows are dropped."""
+        """Only the rows at `keep` go on; the cache rows of the others are dropped."""
         if len(keep) == len(self.running) and keep:
             return
         self.running = [self.running[i] for i in keep]
-        self.decoders = [self.decoders[i] for i in keep]
-        self.generators = [self.generators[i] for i in keep]
         if keep:
             index = torch.tensor(keep, device=self.model.device)
             self.cache.reorder(index)

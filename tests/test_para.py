@@ -13,7 +13,7 @@ from para.adapters import (AdapterConfig, add_adapter, is_adapter_parameter, lor
                            mark_only_adapter_trainable, parameter_counts)
 from para.config import ModelConfig
 from para.data import Example, collate
-from para.generation import beam_search, generate
+from para.generation import beam_search, decode_one, generate, prefill
 from para.loading import load_model
 from para.model import Transformer
 from para.trainer import TrainConfig, Trainer, loss_sum
@@ -367,3 +367,42 @@ def test_adapter_file_records_the_sites(tmp_path):
         save_adapter(model, config, tmp_path / "a.pt")
         assert read_adapter(tmp_path / "a.pt")["config"].targets == sites
         assert load_adapter(load_model(tmp_path / "base", device="cpu"), tmp_path / "a.pt") == config
+
+
+def test_joined_caches_decode_as_each_alone(tmp_path):
+    """Continuous batching: a running batch and newcomers of other lengths and adapters, joined
+    mid-decoding (and a row leaving), give each row the tokens it gets alone."""
+    write_checkpoint(tmp_path / "base", TINY_LLAMA)
+    paths = []
+    for i, config in enumerate([AdapterConfig(rank=4), AdapterConfig("lora", 2), AdapterConfig("ia3")]):
+        m = load_model(tmp_path / "base", device="cpu")
+        add_adapter(m, config)
+        randomise_adapter(m, seed=i)
+        save_adapter(m, config, tmp_path / f"a{i}.pt")
+        paths.append(tmp_path / f"a{i}.pt")
+    server = load_model(tmp_path / "base", device="cpu")
+    install_bank(server, paths)
+    first, later = [[5, 11, 12, 13, 14, 3], [7, 8]], [[5, 30, 31, 32, 33, 34, 35, 36, 3], [9, 4, 4]]
+    which_first, which_later = [1, 0], [2, 3]
+    alone = [generate(server, [p], 8, eos_ids=[], which=[w]).tokens[0]
+             for p, w in zip(first + later, which_first + which_later)]
+    with torch.no_grad():
+        cache, logits = prefill(server, first, 8, which=which_first)
+        tokens = [[t] for t in logits.argmax(-1).tolist()]
+        for _ in range(3):
+            logits = decode_one(server, torch.tensor([t[-1] for t in tokens]), cache)
+            for row, t in zip(tokens, logits.argmax(-1).tolist()):
+                row.append(t)
+        cache.reorder(torch.tensor([0]))              # row 1 leaves with 4 tokens
+        kept = [tokens[0]]
+        newcomer_cache, newcomer_logits = prefill(server, later, 8, which=which_later)
+        cache = cache.join(newcomer_cache, max_len=cache.pos + 8)
+        rows = kept + [[] for _ in later]   # every row's last token is next to be fed
+        for row, t in zip(rows[1:], newcomer_logits.argmax(-1).tolist()):
+            row.append(t)
+        while len(rows[0]) < 8:
+            logits = decode_one(server, torch.tensor([r[-1] for r in rows]), cache)
+            for row, t in zip(rows, logits.argmax(-1).tolist()):
+                row.append(t)
+    assert tokens[1] == alone[1][:4]
+    assert rows[0] == alone[0] and rows[1:] == [a[:len(r)] for a, r in zip(alone[2:], rows[1:])]

@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,17 +26,22 @@ PROMPTS = ["Is 12 even or odd?", "hello world", "What is the opposite of the wor
 
 class Server:
     def __init__(self, model, *args):
+        self.log_file = tempfile.NamedTemporaryFile("w+", suffix=".log")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(model), "--port", "0",
-                                      *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log_file,
                                      text=True)
         line = self.proc.stdout.readline()   # "serving base, ... on http://127.0.0.1:PORT/v1", or EOF on failure
-        assert line.startswith("serving"), self.proc.stderr.read()
+        assert line.startswith("serving"), self.log()
         self.url = line.split(" on ")[1].strip()
         self.client = openai.OpenAI(base_url=self.url, api_key="none", max_retries=0, timeout=60)
 
-    def post(self, path: str, body: bytes) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url.removesuffix("/v1") + path, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+    def log(self) -> str:
+        """What the server wrote to stderr so far: one line per request."""
+        return open(self.log_file.name).read()
+
+    def post(self, path: str, body: bytes, method: str = "POST", headers: dict | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url.removesuffix("/v1") + path, data=body, method=method,
+                                         headers={"Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, json.loads(response.read())
@@ -46,11 +52,12 @@ class Server:
         with urllib.request.urlopen(self.url.removesuffix("/v1") + "/health", timeout=10) as response:
             return json.loads(response.read())
 
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
+    def stop(self, signal_it: bool = True) -> tuple[int, str]:
+        """SIGTERM (unless the test sent it already: a second one ends the server at once)."""
+        if signal_it and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        _, stderr = self.proc.communicate(timeout=60)
-        return self.proc.returncode, stderr
+        self.proc.communicate(timeout=60)
+        return self.proc.returncode, self.log()
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +129,15 @@ def test_streams_equal_whole_answers(server):
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
 
 
-def test_stop_strings_and_seeded_sampling(server):
+def test_stop_strings_usage_and_seeded_sampling(server):
     text = complete(server, "para", PROMPTS[3], max_tokens=20).choices[0].text
     stop = text[5:7]
     cut = complete(server, "para", PROMPTS[3], max_tokens=20, stop=[stop])
     assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    chunks = list(server.client.completions.create(model="para", prompt=PROMPTS[3], max_tokens=20, temperature=0,
+                                                   stop=[stop], stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == cut.choices[0].text
+    assert chunks[-1].usage.completion_tokens == cut.usage.completion_tokens
     sampled = [server.client.completions.create(model="lora", prompt=PROMPTS[4], max_tokens=10, temperature=1.0,
                                                 seed=7).choices[0].text for _ in range(2)]
     assert sampled[0] == sampled[1]
@@ -146,12 +157,22 @@ def test_stop_strings_and_seeded_sampling(server):
     ("/v1/completions", b'{"model": "para", "prompt": "x", "max_tokens": 5000}', 400, "max_tokens"),
     ("/v1/chat/completions", b'{"model": "lora", "messages": [{"role": "robot", "content": "x"}]}', 400, "messages"),
     ("/v1/chat/completions", b'{"model": "lora", "messages": []}', 400, "messages"),
+    ("/v1/completions", b'{"model": "para", "prompt": "\\ud800"}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "para", "prompt": "x", "logprobs": 3}', 400, "logprobs"),
     ("/v1/nowhere", b"{}", 404, None),
 ])
 def test_bad_requests_get_4xx_and_the_server_goes_on(server, path, body, status, param):
     code, answer = server.post(path, body)
     assert code == status and answer["error"]["param"] == param and answer["error"]["message"]
     assert complete(server, "para", PROMPTS[0]).choices[0].text   # the next good request is answered
+
+
+def test_other_methods_routes_and_lengths(server):
+    assert server.post("/v1/completions", b"{}", method="PUT")[0] == 405
+    assert server.post("/v1/completions", b"{}", headers={"Content-Length": "-5"})[0] == 400
+    assert server.client.models.retrieve("lora").id == "lora"
+    code, answer = server.post("/v1/completions?x=1", b'{"model": "base", "prompt": "hi", "max_tokens": 2}')
+    assert code == 200 and answer["usage"]["completion_tokens"] <= 2
 
 
 def test_openai_client_sees_the_errors(server):
@@ -167,6 +188,9 @@ def test_a_client_that_leaves_frees_its_row(server):
     next(iter(stream))
     stream.close()
     deadline = time.monotonic() + 30
+    while "finish=cancelled" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "finish=cancelled" in server.log()
     while server.health()["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.health() == {"running": 0, "waiting": 0}
@@ -174,6 +198,7 @@ def test_a_client_that_leaves_frees_its_row(server):
 
 def test_full_queue_is_503_and_sigterm_finishes_the_request_in_flight(model):
     server = Server(model, "--max-batch", "1", "--max-queue", "1")
+    signalled = False
     try:
         long = server.client.completions.create(model="base", prompt=PROMPTS[0], max_tokens=3000, temperature=0,
                                                 stream=True)
@@ -186,11 +211,12 @@ def test_full_queue_is_503_and_sigterm_finishes_the_request_in_flight(model):
         code, answer = server.post("/v1/completions", b'{"model": "base", "prompt": "x"}')
         assert code == 503 and answer["error"]["type"] == "server_overloaded"
         server.proc.send_signal(signal.SIGTERM)  # mid-request: both requests are still answered
+        signalled = True
         rest = list(chunks)
         text = first.choices[0].text + "".join(c.choices[0].text for c in rest)
         assert rest[-1].choices[0].finish_reason in ("length", "stop") and text
         assert waiting.result(timeout=60).choices[0].text
     finally:
-        code, stderr = server.stop()
+        code, stderr = server.stop(signal_it=not signalled)
     assert code == 0, stderr
     assert "SIGTERM: finishing the requests in flight" in stderr and "model=base" in stderr
