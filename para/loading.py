@@ -34,8 +34,17 @@ HF_TO_OURS = {
     **{f"model.layers.{{i}}.mlp.{p}_proj.{kind}": f"layers.{{i}}.mlp.{p}_proj.{kind}"
        for p in ("gate", "up", "down") for kind in ("weight", "bias")},
 }
+# Gemma 2 and 3 normalise each sublayer's output too; their "post_attention_layernorm" is the
+# norm after attention, not the one before the MLP as in LLaMA.
+SANDWICH_HF_TO_OURS = {
+    **HF_TO_OURS,
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.attn_post_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.mlp_post_norm.weight",
+    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.attn.q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.attn.k_norm.weight",
+}
 # Old conversions saved rotary tables as tensors; like Hugging Face, we recompute them.
-OURS_TO_HF = {ours: hf for hf, ours in HF_TO_OURS.items()}
 IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 LAYER_INDEX = re.compile(r"\blayers\.(\d+)\.")
 
@@ -43,8 +52,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+def name_map(config: ModelConfig) -> dict[str, str]:
+    """Hugging Face tensor name -> ours, for this architecture."""
+    return SANDWICH_HF_TO_OURS if config.sandwich_norms else HF_TO_OURS
+
+
 def rename(name: str, table: dict[str, str]) -> str | None:
-    """Translate a tensor name through HF_TO_OURS or OURS_TO_HF; None if it is not there."""
+    """Translate a tensor name through a name map or its inverse; None if it is not there."""
     match = LAYER_INDEX.search(name)
     renamed = table.get(LAYER_INDEX.sub("layers.{i}.", name, count=1))
     return renamed.format(i=match.group(1)) if renamed and match else renamed
@@ -130,7 +144,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for hf_name in f.keys():
-                    name = rename(hf_name, HF_TO_OURS)
+                    name = rename(hf_name, name_map(config))
                     if name is None and IGNORED.search(hf_name):
                         continue
                     if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -153,8 +167,11 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
                                   "download it again") from None
     missing = [name for name in expected if name not in loaded]
     if missing:
-        raise CheckpointError(f"{folder}: tensor {rename(missing[0], OURS_TO_HF)} is missing from the checkpoint "
+        ours_to_hf = {ours: hf for hf, ours in name_map(config).items()}
+        raise CheckpointError(f"{folder}: tensor {rename(missing[0], ours_to_hf)} is missing from the checkpoint "
                               f"({len(missing)} missing in all); download the checkpoint again")
     model.rope = RotaryEmbedding(config, device)  # holds no weights: rebuilt on the target device
+    if model.rope_local is not None:
+        model.rope_local = RotaryEmbedding(config, device, sliding=True)
     model.fingerprint = hashlib.sha256(b"".join(samples[name] for name in sorted(samples))).hexdigest()
     return model.eval()

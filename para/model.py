@@ -48,11 +48,13 @@ class RMSNorm(nn.Module):
         return self.weight * normed.type_as(x)  # LLaMA: cast first, then scale
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """One rotation frequency per pair of channels, with the checkpoint's rope_scaling."""
+def rope_inverse_frequencies(config: ModelConfig, sliding: bool = False) -> torch.Tensor:
+    """One rotation frequency per pair of channels, with the checkpoint's rope_scaling. Gemma 3's
+    sliding layers have a base of their own and no scaling."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    kind, scaling = rope_scaling_type(config.rope_scaling), config.rope_scaling
+    theta = config.rope_local_theta if sliding and config.rope_local_theta else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind, scaling = rope_scaling_type(None if sliding else config.rope_scaling), config.rope_scaling
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
@@ -70,9 +72,9 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None, sliding: bool = False):
         super().__init__()
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config).to(device), persistent=False)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config, sliding).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for each position, shaped (B, 1, T, head_dim) to broadcast over heads."""
@@ -219,6 +221,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.kv_width, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.kv_width, bias=bias)
         self.o_proj = nn.Linear(config.q_width, config.hidden_size, bias=bias)
+        self.scale, self.softcap = config.attention_scale, config.attn_logit_softcapping
+        if config.qk_norm:  # Gemma 3: each head's queries and keys are normalised before rotary
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, gemma=True)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, gemma=True)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 cache: KVCache | None, para: PromptVectors | None = None) -> torch.Tensor:
@@ -229,13 +235,32 @@ class Attention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        if hasattr(self, "q_norm"):  # Gemma 3. PARA's l_q scaled Q above, before this norm: the paper's
+            q, k = self.q_norm(q), self.k_norm(k)  # site (the projection's output); after it is not measured yet
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H_kv, L, D): everything so far
-        # No mask means plain causal attention (a prefill from slot 0, or one token seeing all).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                             enable_gqa=True)  # (B, H, T, D)
+        if self.softcap:
+            out = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        else:  # no mask means plain causal attention (a prefill from slot 0, or one token seeing all)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                                 scale=self.scale, enable_gqa=True)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))          # (B, T, d_model)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float, cap: float) -> torch.Tensor:
+    """Gemma 2's attention: scores pass through cap * tanh(scores / cap) before the softmax,
+    which SDPA cannot do, so this one is written out."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)   # (B, H, L, D)
+    scores = q @ k.transpose(-1, -2) * scale                                         # (B, H, T, L)
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:  # causal, the queries being the last T slots
+        T, L = scores.shape[-2:]
+        mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -300,15 +325,23 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.is_gemma)
         self.mlp = MLP(config)
+        if config.sandwich_norms:  # Gemma 2, 3: the sublayers' outputs are normalised too
+            self.attn_post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma=True)
+            self.mlp_post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma=True)
         self.layer = layer
+        self.kind = config.layer_types[layer]  # full_attention, or sliding_attention (a window of keys)
         self.vg: VectorGenerator | None = None  # PARA's generator, when an adapter is installed
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None, *, rows: AdapterRows, prompt_end: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: dict[str, tuple], cache: KVCache | None, *,
+                rows: AdapterRows, prompt_end: torch.Tensor | None) -> torch.Tensor:
+        """context[kind] is (rope, mask) for this block's kind of attention."""
+        rope, mask = context[self.kind]
         h = self.attn_norm(x)
         para = None if self.vg is None else self.prompt_vectors(x, h, rows, prompt_end)
-        x = x + self.attn(h, rope, mask, cache, para)
-        return x + self.mlp(self.mlp_norm(x), para)
+        attended = self.attn(h, rope, mask, cache, para)
+        x = x + (self.attn_post_norm(attended) if hasattr(self, "attn_post_norm") else attended)
+        fed = self.mlp(self.mlp_norm(x), para)
+        return x + (self.mlp_post_norm(fed) if hasattr(self, "mlp_post_norm") else fed)
 
     def prompt_vectors(self, x: torch.Tensor, h: torch.Tensor, rows: AdapterRows,
                        prompt_end: torch.Tensor | None) -> PromptVectors:
@@ -334,6 +367,8 @@ class Transformer(nn.Module):
         # Tied models have no output matrix of their own: logits use the embedding.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
+        sliding = "sliding_attention" in config.layer_types  # Gemma 3's sliding layers rotate with another base
+        self.rope_local = RotaryEmbedding(config, sliding=True) if sliding else None
         self.grad_checkpointing = False
         self.fingerprint: str | None = None  # set by the loader: identifies the base weights for adapters
 
@@ -376,24 +411,27 @@ class Transformer(nn.Module):
         if cache is not None and which is not None:
             raise ValueError("a cache carries its rows' adapters: pass which to new_cache, not to forward")
         rows = cache.rows if cache is not None else AdapterRows(self.config.num_layers, which)
-        positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
+        positions, masks = self._positions_and_masks(input_ids, attention_mask, cache)
         x = self.embed_tokens(input_ids)  # (B, T, d_model)
-        rope = self.rope(positions, x.dtype)
+        ropes = {"full_attention": self.rope, "sliding_attention": self.rope_local}
+        context = {kind: (ropes[kind](positions, x.dtype), mask) for kind, mask in masks.items()}
         for block in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():  # recompute activations in backward
-                x = checkpoint(block, x, rope, mask, cache, rows=rows, prompt_end=prompt_end, use_reentrant=False)
+                x = checkpoint(block, x, context, cache, rows=rows, prompt_end=prompt_end, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache, rows=rows, prompt_end=prompt_end)
+                x = block(x, context, cache, rows=rows, prompt_end=prompt_end)
         return x
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: hidden states (..., d_model) -> logits (..., vocab)."""
-        return F.linear(self.norm(x), self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        logits = F.linear(self.norm(x), self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        cap = self.config.final_logit_softcapping
+        return logits if not cap else torch.tanh(logits / cap) * cap   # Gemma 2
 
-    def _positions_and_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                            cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rotary positions (B, T) and the boolean attention mask (B, 1, T, L), or None when
-        plain causal attention over everything is right."""
+    def _positions_and_masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                             cache: KVCache | None) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """Rotary positions (B, T), and the boolean attention mask (B, 1, T, L) of each kind of
+        layer the model has: None where plain causal attention over every key is right."""
         B, T = input_ids.shape
         device = input_ids.device
         if cache is not None:
@@ -405,11 +443,15 @@ class Transformer(nn.Module):
                 else attention_mask.to(device=device, dtype=torch.bool)
             padded = attention_mask is not None and not bool(valid.all())
             positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # counted from each row's first real token
-        if not padded and (T == 1 or start == 0):
-            return positions, None  # causal over all keys: SDPA's own is_causal (or no mask at all)
+        kinds, window = set(self.config.layer_types), self.config.sliding_window
+        plain = not padded and (T == 1 or start == 0)  # SDPA's own is_causal (or no mask at all) is right
+        if plain and ("sliding_attention" not in kinds or start + T <= window):
+            return positions, dict.fromkeys(kinds)
         query = torch.arange(start, start + T, device=device)[:, None]   # (T, 1)
         key = torch.arange(start + T, device=device)[None, :]            # (1, L)
-        causal = key <= query                                             # (T, L)
         # A padding query attends to itself only, so its softmax row is never empty.
-        mask = (causal & valid[:, None, :]) | (key == query)             # (B, T, L)
-        return positions, mask[:, None]                                   # (B, 1, T, L)
+        full = (key <= query) & valid[:, None, :] | (key == query)       # (B, T, L)
+        masks = {"full_attention": None if plain else full[:, None]}
+        if "sliding_attention" in kinds:  # a sliding query sees the last `window` slots, itself included
+            masks["sliding_attention"] = (full & (query - key < window))[:, None]
+        return positions, masks

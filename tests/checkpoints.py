@@ -17,6 +17,23 @@ TINY_GEMMA = dict(model_type="gemma", vocab_size=96, hidden_size=32, intermediat
                   rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128,
                   hidden_act="gelu", hidden_activation="gelu_pytorch_tanh", torch_dtype="float32")
 
+# Gemma 2 at tiny size: four norms per block, soft-capped attention and logits (caps small
+# enough to bite), a query scale that is not head_dim's, sliding layers (0, 2) whose window is
+# shorter than the prompts.
+TINY_GEMMA2 = dict(model_type="gemma2", vocab_size=96, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128,
+                   hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24, sliding_window=6,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0, torch_dtype="float32")
+# Gemma 3 as transformers 4 writes it: QK-norm, sliding layers every other layer (pattern 2)
+# with their own rotary base, linear rope scaling on the full layers, multi-query attention.
+TINY_GEMMA3 = dict(model_type="gemma3_text", vocab_size=96, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                   rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                   rope_scaling={"rope_type": "linear", "factor": 2.0}, max_position_embeddings=128,
+                   hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=5,
+                   sliding_window_pattern=2, torch_dtype="float32")
+
 
 def hf_config(base: dict, **changes) -> dict:
     return {**base, **changes}
@@ -28,15 +45,16 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     hidden, ffn, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
-    gemma = cfg["model_type"] == "gemma"
-    kv_heads = cfg.get("num_key_value_heads", 16 if gemma else None) or heads
+    kind = cfg["model_type"]
+    gemma, sandwich = kind.startswith("gemma"), kind in ("gemma2", "gemma3_text")
+    kv_heads = cfg.get("num_key_value_heads", {"gemma": 16, "gemma2": 4, "gemma3_text": 4}.get(kind)) or heads
     head_dim = cfg.get("head_dim", 256 if gemma else None) or hidden // heads
 
     def rand(*shape, scale=0.1):
         return torch.randn(*shape, generator=g) * scale
 
-    def norm():
-        return rand(hidden, scale=0.2) + (0.0 if gemma else 1.0)
+    def norm(width=hidden):
+        return rand(width, scale=0.2) + (0.0 if gemma else 1.0)
 
     # Gemma multiplies embeddings by sqrt(hidden): keep its residual stream at a similar scale.
     embed_scale = 0.5 / hidden ** 0.5 if gemma else 0.5
@@ -47,6 +65,12 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm()
         w[p + "post_attention_layernorm.weight"] = norm()
+        if sandwich:  # Gemma 2, 3: norms before and after each sublayer
+            w[p + "pre_feedforward_layernorm.weight"] = norm()
+            w[p + "post_feedforward_layernorm.weight"] = norm()
+        if kind == "gemma3_text":
+            w[p + "self_attn.q_norm.weight"] = norm(head_dim)
+            w[p + "self_attn.k_norm.weight"] = norm(head_dim)
         shapes = {"q": (heads * head_dim, hidden), "k": (kv_heads * head_dim, hidden),
                   "v": (kv_heads * head_dim, hidden), "o": (hidden, heads * head_dim)}
         for name, shape in shapes.items():

@@ -3,14 +3,17 @@
 import pytest
 import torch
 
-from checkpoints import TINY_GEMMA, TINY_LLAMA, write_checkpoint
+from checkpoints import TINY_GEMMA, TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA, write_checkpoint
 from para.generation import Sampling, beam_search, generate, logits_to_probs, prefill
 from para.loading import load_model
 
 
-@pytest.fixture(params=["llama", "gemma"])
+ARCHS = {"llama": TINY_LLAMA, "gemma": TINY_GEMMA, "gemma2": TINY_GEMMA2, "gemma3": TINY_GEMMA3}
+
+
+@pytest.fixture(params=["llama", "gemma", "gemma2", "gemma3"])
 def model(request, tmp_path):
-    write_checkpoint(tmp_path, TINY_LLAMA if request.param == "llama" else TINY_GEMMA)
+    write_checkpoint(tmp_path, ARCHS[request.param])
     return load_model(tmp_path, device="cpu")
 
 

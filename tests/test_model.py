@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from checkpoints import TINY_GEMMA, TINY_LLAMA, hf_config, write_checkpoint
+from checkpoints import TINY_GEMMA, TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA, hf_config, write_checkpoint
 from reference import reference_logits
 from para.config import ModelConfig
 from para.loading import load_model
@@ -28,6 +28,16 @@ VARIANTS = {
     "gemma-gqa": hf_config(TINY_GEMMA, num_key_value_heads=2),
     "gemma-v5": {**{k: v for k, v in TINY_GEMMA.items() if k not in ("hidden_activation", "rope_theta")},
                  "hidden_act": "gelu_pytorch_tanh", "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
+    "gemma2": TINY_GEMMA2,
+    "gemma2-defaults": {k: v for k, v in TINY_GEMMA2.items()   # Gemma2Config's caps 50 and 30, scalar 256
+                        if k not in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")},
+    "gemma3": TINY_GEMMA3,
+    # transformers 5 layout: explicit layer_types, rope_parameters per layer type
+    "gemma3-v5": {**{k: v for k, v in TINY_GEMMA3.items()
+                     if k not in ("rope_theta", "rope_local_base_freq", "rope_scaling", "sliding_window_pattern")},
+                  "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                  "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}},
 }
 
 
@@ -43,7 +53,7 @@ def test_logits_match_reference(tmp_path, name):
     torch.testing.assert_close(ours, reference_logits(cfg, weights, ids), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma"])
+@pytest.mark.parametrize("name", ["llama", "gemma", "gemma2", "gemma3"])
 def test_left_padded_batch_matches_reference(tmp_path, name):
     cfg = VARIANTS[name]
     weights = write_checkpoint(tmp_path, cfg)
@@ -58,7 +68,7 @@ def test_left_padded_batch_matches_reference(tmp_path, name):
     torch.testing.assert_close(ours[real], reference_logits(cfg, weights, ids, mask)[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["llama-mqa", "gemma"])
+@pytest.mark.parametrize("name", ["llama-mqa", "gemma", "gemma2", "gemma3"])
 def test_cached_decoding_equals_full_forward(tmp_path, name):
     cfg = VARIANTS[name]
     write_checkpoint(tmp_path, cfg)
@@ -153,3 +163,16 @@ def test_default_dtypes_and_bfloat16(tmp_path):
     with torch.no_grad():
         logits = model(ids).float()
     assert torch.allclose(logits, reference_logits(cfg, weights, ids), atol=0.1)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gemma3"}, "model_type 'gemma3' is not supported"),   # the multimodal wrapper config
+    ({"layer_types": ["full_attention"]}, "layer_types must name"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     "rope scaling on sliding layers is not supported"),
+])
+def test_gemma_configs_we_cannot_run_are_refused(change, message):
+    from para.errors import CheckpointError
+    with pytest.raises(CheckpointError, match=message):
+        ModelConfig.from_hf({**TINY_GEMMA3, **change})

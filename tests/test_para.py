@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from checkpoints import TINY_GEMMA, TINY_LLAMA, write_checkpoint
+from checkpoints import TINY_GEMMA, TINY_GEMMA2, TINY_GEMMA3, TINY_LLAMA, write_checkpoint
 from para.adapter_files import AdapterError, install_bank, load_adapter, read_adapter, save_adapter
 from para.adapters import (AdapterConfig, add_adapter, is_adapter_parameter, lora_rank_matching,
                            mark_only_adapter_trainable, parameter_counts)
@@ -19,9 +19,12 @@ from para.model import Transformer
 from para.trainer import TrainConfig, Trainer, loss_sum
 
 
-@pytest.fixture(params=["llama", "gemma"])
+ARCHS = {"llama": TINY_LLAMA, "gemma": TINY_GEMMA, "gemma2": TINY_GEMMA2, "gemma3": TINY_GEMMA3}
+
+
+@pytest.fixture(params=["llama", "gemma", "gemma2", "gemma3"])
 def model(request, tmp_path):
-    write_checkpoint(tmp_path / "base", TINY_LLAMA if request.param == "llama" else TINY_GEMMA)
+    write_checkpoint(tmp_path / "base", ARCHS[request.param])
     return load_model(tmp_path / "base", device="cpu")
 
 
@@ -252,8 +255,9 @@ def test_lora_rank_is_sized_to_para():
     assert sum(p.numel() for n, p in model.named_parameters() if is_adapter_parameter(n)) == 32 * (4096 * 2 + 11008)
 
 
-def test_mixed_batch_of_every_method_equals_each_alone(tmp_path):
-    write_checkpoint(tmp_path / "base", TINY_LLAMA)
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])
+def test_mixed_batch_of_every_method_equals_each_alone(tmp_path, arch):
+    write_checkpoint(tmp_path / "base", ARCHS[arch])
     paths = []
     for i, config in enumerate([AdapterConfig("para", 4), AdapterConfig("ia3"),
                                 AdapterConfig("lora", 3, targets=("q", "v", "up"), alpha=6.0),
