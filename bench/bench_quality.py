@@ -5,7 +5,11 @@ Each baseline runs with train.py's defaults: LoRA on PARA's sites (Q, V, Up), (I
 published sites (K, V, the FFN intermediate); the table names the sites each one used.
 Prints the median test exact match per task and method, and plots dev loss against steps.
 
-    python bench/bench_quality.py [--seeds 0 1 2] [--methods para lora ia3] [--lr 1e-3] [--out DIR] [--plot PNG]
+    python bench/bench_quality.py [--model smollm2-135m|gemma3-270m|DIR] [--seeds 0 1 2]
+                                  [--methods para lora ia3] [--lr 1e-3] [--out DIR] [--plot PNG]
+
+Prompts go through the model's chat template when it has one (SmolLM2-135M-Instruct), as plain
+text otherwise (the pretrained Gemma 3 270M).
 
 Scaled down to fit 2 CPU cores in about an hour: one epoch of 800 examples (50 steps of 16),
 dev evaluation every 10 steps (patience 10), lr 1e-3 for every method, answers of at most
@@ -24,6 +28,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from para.loading import model_dir
+from tokenizer import Tokenizer
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("para", "lora", "ia3")
 DATA = ROOT / "data"
@@ -36,9 +43,9 @@ def run(args: list[str]) -> str:
     return out.stdout
 
 
-def test_scores(adapter: Path | None) -> dict[str, float]:
+def test_scores(adapter: Path | None, model: list[str]) -> dict[str, float]:
     """Strict exact match per task on the test split, for an adapter or (None) the base model."""
-    lines = run(["generate.py", "--chat", *(["--adapter", str(adapter)] if adapter else []),
+    lines = run(["generate.py", *model, *(["--adapter", str(adapter)] if adapter else []),
                  "--eval", str(DATA / "suite_test.jsonl"), "--max-new-tokens", "8", "--json"]).splitlines()
     outputs = [json.loads(line) for line in lines if line.startswith("{")]
     tasks = [json.loads(line)["task"] for line in (DATA / "suite_test.jsonl").read_text().splitlines() if line]
@@ -48,19 +55,19 @@ def test_scores(adapter: Path | None) -> dict[str, float]:
     return {t: sum(v) / len(v) for t, v in scores.items()}
 
 
-def train_and_test(method: str, seed: int, out_dir: Path, lr: float) -> dict:
+def train_and_test(method: str, seed: int, out_dir: Path, lr: float, model: list[str]) -> dict:
     adapter = out_dir / f"{method}-{seed}.pt"
-    log = run(["train.py", "--method", method, "--seed", str(seed), "--chat", "--data", str(DATA / "suite_train.jsonl"),
+    log = run(["train.py", *model, "--method", method, "--seed", str(seed), "--data", str(DATA / "suite_train.jsonl"),
                "--eval-data", str(DATA / "suite_dev.jsonl"), "--epochs", "1", "--batch-size", "16",
                "--micro-batch-size", "16", "--lr", str(lr), "--eval-every", "10", "--log-every", "50",
                "--out", str(adapter)])
     dev = [(int(m[1]), float(m[2])) for m in re.finditer(r"^step (\d+) \| dev loss ([\d.]+)", log, re.M)]
     described = re.search(r"^(.*): ([\d,]+) trainable parameters", log, re.M)
     return {"dev": dev, "adapter": described[1], "params": int(described[2].replace(",", "")),
-            "scores": test_scores(adapter)}
+            "scores": test_scores(adapter, model)}
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, title: str) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -77,7 +84,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("optimizer step (16 examples)")
     ax.set_ylabel("dev loss (response tokens)")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M-Instruct, multi-task suite, one line per seed")
+    ax.set_title(f"{title}, multi-task suite, one line per seed")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -86,19 +93,25 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="a built-in model's name or a checkpoint folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
-    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "quality_dev_loss.png")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/quality (runs/quality-MODEL for another)")
+    parser.add_argument("--plot", type=Path, default=None, help="default: bench/quality_dev_loss.png (-MODEL.png)")
     args = parser.parse_args()
+    suffix = "" if args.model == "smollm2-135m" else f"-{Path(args.model).name}"
+    args.out = args.out or ROOT / "runs" / f"quality{suffix}"
+    args.plot = args.plot or ROOT / "bench" / f"quality_dev_loss{suffix}.png"
     args.out.mkdir(parents=True, exist_ok=True)
-    base = test_scores(None)
+    folder = model_dir(None if args.model == "smollm2-135m" else Path(args.model))
+    model = ["--model", str(folder)] + (["--chat"] if Tokenizer.from_dir(folder).chat_template else [])
+    base = test_scores(None, model)
     print("base: " + ", ".join(f"{t} {s:.3f}" for t, s in sorted(base.items())), flush=True)
     results = {}
     for seed in args.seeds:
         for method in args.methods:
-            results[method, seed] = train_and_test(method, seed, args.out, args.lr)
+            results[method, seed] = train_and_test(method, seed, args.out, args.lr, model)
             r = results[method, seed]
             print(f"{method} seed {seed}: {r['params']:,} params, best dev loss {min(l for _, l in r['dev']):.4f}, "
                   + ", ".join(f"{t} {s:.3f}" for t, s in sorted(r["scores"].items())), flush=True)
@@ -115,7 +128,7 @@ def main() -> None:
         medians = [statistics.median(r["scores"][t] for r in runs) for t in tasks]
         print(f"| {runs[0]['adapter']} | {runs[0]['params']:,} | " + " | ".join(f"{m:.3f}" for m in medians)
               + f" | {sum(medians) / len(medians):.3f} |")
-    plot(results, args.plot)
+    plot(results, args.plot, folder.name)
 
 
 if __name__ == "__main__":

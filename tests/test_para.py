@@ -410,3 +410,16 @@ def test_joined_caches_decode_as_each_alone(tmp_path):
                 row.append(t)
     assert tokens[1] == alone[1][:4]
     assert rows[0] == alone[0] and rows[1:] == [a[:len(r)] for a, r in zip(alone[2:], rows[1:])]
+
+
+def test_on_gemma3_para_scales_queries_after_their_norm(tmp_path):
+    """A per-head RMSNorm would cancel a uniform l_q applied before it; PARA scales after it."""
+    write_checkpoint(tmp_path / "base", TINY_GEMMA3)
+    model = load_model(tmp_path / "base", device="cpu")
+    ids, end = torch.randint(0, 96, (1, 9)), torch.tensor([8])
+    with torch.no_grad():
+        base = model(ids)
+        add_adapter(model, AdapterConfig(rank=2))
+        for block in model.layers:
+            block.vg.b_up[:, :model.config.q_width] = 2.0   # l_q = 2 everywhere, l_v = l_u = 1
+        assert (model(ids, prompt_end=end) - base).abs().max() > 1e-2
