@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader
-from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from weights import gemma3
+from weights import gemma3, gguf_tensors
+from weights.gguf_tensors import dequantized
 
 FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
@@ -90,11 +90,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def hf_name(gguf_name: str) -> str:
-    block, _, rest = gguf_name.partition(".")
-    if block == "blk":
-        layer, _, rest = rest.partition(".")
-        return GGUF_TO_HF[f"blk.{{i}}.{rest}"].format(i=layer)
-    return GGUF_TO_HF[gguf_name]
+    return gguf_tensors.hf_name(gguf_name, GGUF_TO_HF)
 
 
 def build_tokenizer(tokens: list[str], token_types: list[int], merges: list[str]) -> Tokenizer:
@@ -116,8 +112,7 @@ def read_weights(reader: GGUFReader, n_heads: int, n_kv_heads: int) -> dict[str,
     """Every tensor dequantized to float32, under its Hugging Face name, in HF's (out, in) layout."""
     weights = {}
     for t in reader.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists (ne0, ne1) = (in, out)
-        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        w = dequantized(t)
         if t.name.endswith("attn_q.weight"):
             w = unpermute_qk(w, n_heads)
         elif t.name.endswith("attn_k.weight"):

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader
-from gguf.quants import dequantize
 from safetensors.numpy import save_file
+
+from weights import gguf_tensors
+from weights.gguf_tensors import dequantized
 
 FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json")
 # GGUF tensor name -> Hugging Face Gemma3ForCausalLM name; "{i}" is the layer index.
@@ -33,19 +35,14 @@ GGUF_TO_HF = {
 
 
 def hf_name(gguf_name: str) -> str:
-    block, _, rest = gguf_name.partition(".")
-    if block == "blk":
-        layer, _, rest = rest.partition(".")
-        return GGUF_TO_HF[f"blk.{{i}}.{rest}"].format(i=layer)
-    return GGUF_TO_HF[gguf_name]
+    return gguf_tensors.hf_name(gguf_name, GGUF_TO_HF)
 
 
 def read_weights(reader: GGUFReader) -> dict[str, np.ndarray]:
     """Every tensor dequantized to float32 under its Hugging Face name, norms back to w."""
     weights = {}
     for t in reader.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists (ne0, ne1) = (in, out)
-        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        w = dequantized(t)
         if t.name.endswith("norm.weight"):
             w = w - 1.0
         weights[hf_name(t.name)] = np.ascontiguousarray(w)
