@@ -16,6 +16,7 @@ from para.adapters import DEFAULT_TARGETS, AdapterConfig, add_adapter, is_adapte
 from para.loading import model_dir
 
 PROMPT_TOKENS, NEW_TOKENS = 274, 32
+ADAPTERS = tempfile.TemporaryDirectory(prefix="para-bench-")   # the benchmarks' adapters, gone at exit
 TEXT = ("The history of the printing press begins in the fifteenth century, when movable metal type made "
         "books cheap enough for ordinary readers. Within fifty years presses spread across Europe, and "
         "the number of printed books grew from thousands to millions. ")
@@ -38,7 +39,7 @@ def adapter_config(model, method: str) -> AdapterConfig:
 
 def make_adapter(model, method: str, seed: int) -> Path:
     """A trained-looking adapter file (speed does not depend on what an adapter learned): the
-    method's initialisation plus random noise, in a temporary folder."""
+    method's initialisation plus random noise, in the process's temporary folder."""
     config = adapter_config(model, method)
     torch.manual_seed(seed)
     add_adapter(model, config)
@@ -46,6 +47,6 @@ def make_adapter(model, method: str, seed: int) -> Path:
         for name, p in model.named_parameters():
             if is_adapter_parameter(name):
                 p.add_(torch.randn_like(p) * 0.01)
-    path = Path(tempfile.mkdtemp()) / f"{method}-{seed}.pt"
+    path = Path(ADAPTERS.name) / f"{method}-{seed}.pt"
     save_adapter(model, config, path)
     return path
