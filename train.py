@@ -19,7 +19,7 @@ import torch
 
 import para
 from para.adapter_files import save_adapter
-from para.adapters import (DEFAULT_TARGETS, METHODS, POOLS, AdapterConfig, add_adapter, adapter_state,
+from para.adapters import (DEFAULT_TARGETS, METHODS, POOLS, AdapterConfig, add_adapter, adapter_state, default_pool,
                            lora_rank_matching, mark_only_adapter_trainable, parameter_counts)
 from para.baselines import SITES
 from para.cli import COUNT, SEED, add_model_args, bounded, run_cli
@@ -49,9 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{','.join(DEFAULT_TARGETS['lora'])} for lora, PARA's sites; {','.join(DEFAULT_TARGETS['ia3'])} "
                         "for ia3, the published (IA)^3: K, V and the FFN intermediate, the input of down)")
     parser.add_argument("--lora-alpha", type=bounded(float, 0, above=True), default=None, help="LoRA: updates scaled by alpha/rank (default alpha=rank)")
-    parser.add_argument("--pool", choices=POOLS, default=AdapterConfig.pool,
-                        help="PARA pools the raw residual input of each block (input, the default: lower dev loss "
-                        "in our measurement) or its normalised form (norm)")
+    parser.add_argument("--pool", choices=POOLS, default=None,
+                        help="PARA pools each block's raw residual input (input) or its normalised form (norm); "
+                        "default: input on LLaMA, norm on Gemma (each measured better there)")
     parser.add_argument("--max-len", type=bounded(int, 2), default=None,
                         help="longest example in tokens; longer ones are truncated (default: 2048 or the model's "
                         "context, whichever is shorter)")
@@ -80,7 +80,7 @@ def adapter_config(args: argparse.Namespace, config) -> AdapterConfig:
     for flag, value in given.items():
         if value is not None and flag not in applies:
             raise UserError(f"{flag} does not apply to --method {args.method}")
-    if args.pool != AdapterConfig.pool and args.method != "para":
+    if args.pool is not None and args.method != "para":
         raise UserError(f"--pool is PARA's; it does not apply to --method {args.method}")
     if args.rank is not None and args.rank > config.hidden_size:
         raise UserError(f"--rank {args.rank} is larger than the model's hidden size {config.hidden_size}")
@@ -91,7 +91,8 @@ def adapter_config(args: argparse.Namespace, config) -> AdapterConfig:
         targets = targets or DEFAULT_TARGETS["lora"]
         rank = args.rank or lora_rank_matching(config, targets)
         return AdapterConfig("lora", rank, targets=targets, alpha=args.lora_alpha)
-    return AdapterConfig(args.method, args.rank or AdapterConfig.rank, args.pool, targets)
+    pool = (args.pool or default_pool(config)) if args.method == "para" else None
+    return AdapterConfig(args.method, args.rank or AdapterConfig.rank, pool, targets)
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:

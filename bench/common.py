@@ -12,7 +12,8 @@ import torch
 
 import para
 from para.adapter_files import save_adapter
-from para.adapters import DEFAULT_TARGETS, AdapterConfig, add_adapter, is_adapter_parameter, lora_rank_matching
+from para.adapters import (DEFAULT_TARGETS, AdapterConfig, add_adapter, default_pool, is_adapter_parameter,
+                           lora_rank_matching)
 from para.loading import model_dir
 
 PROMPT_TOKENS, NEW_TOKENS = 274, 32
@@ -34,7 +35,7 @@ def adapter_config(model, method: str) -> AdapterConfig:
     count; (IA)^3 on its published sites (K, V, the FFN intermediate)."""
     if method == "lora":
         return AdapterConfig("lora", lora_rank_matching(model.config, DEFAULT_TARGETS["lora"]))
-    return AdapterConfig(method)
+    return AdapterConfig(method, pool=default_pool(model.config) if method == "para" else None)
 
 
 def make_adapter(model, method: str, seed: int) -> Path:

@@ -31,7 +31,8 @@ ADAPTER_PARAMETER = re.compile(r"\.vg\.|\.(ia3|lora_a|lora_b)$")
 class AdapterConfig:
     method: str = "para"                    # para, ia3 or lora
     rank: int = 12                          # PARA: generator bottleneck r; LoRA: rank; (IA)^3: none (0)
-    pool: str = "input"                     # PARA: pool the raw block input ("input", measured better) or its normalised form ("norm")
+    pool: str | None = None                 # PARA: pool the raw block input ("input") or its normalised form
+                                            # ("norm"); None: the model family's default_pool
     targets: tuple[str, ...] | None = None  # the projections adapted; default: PARA's Q, V, Up for PARA and
                                             # LoRA (sized to PARA), (IA)^3's published K, V, Down for (IA)^3
     alpha: float | None = None              # LoRA: updates are scaled by alpha / rank (default alpha = rank)
@@ -39,7 +40,7 @@ class AdapterConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.pool not in POOLS:
+        if self.pool is not None and self.pool not in POOLS:
             raise UserError(f"pool {self.pool!r} is not one of {', '.join(POOLS)}")
         if type(self.rank) is not int or not (self.alpha is None or (type(self.alpha) in (int, float)
                                                                     and math.isfinite(self.alpha) and self.alpha > 0)):
@@ -70,6 +71,13 @@ class AdapterConfig:
         return f"PARA r={self.rank} on {sites}, pool={self.pool}"
 
 
+def default_pool(config: ModelConfig) -> str:
+    """Where PARA pools unless told, measured per family (README): the raw block input on LLaMA
+    (SmolLM2); its normalised form on Gemma, whose residual stream, scaled by sqrt(d_model) at
+    the embedding and never normalised, would reach the generator at a scale of hundreds."""
+    return "norm" if config.is_gemma else "input"
+
+
 def add_adapter(model: Transformer, config: AdapterConfig, n: int = 1) -> None:
     """Give the model a fresh adapter of `config` (exactly the base model at start), holding n
     side by side; adapter parameters are float32 on the model's device."""
@@ -79,8 +87,9 @@ def add_adapter(model: Transformer, config: AdapterConfig, n: int = 1) -> None:
 
 def _attach(model: Transformer, config: AdapterConfig, n: int) -> None:
     if config.method == "para":
+        pool = config.pool or default_pool(model.config)
         for block in model.layers:
-            block.vg = VectorGenerator(model.config, config.rank, config.pool, n).to(model.device)
+            block.vg = VectorGenerator(model.config, config.rank, pool, n).to(model.device)
     elif config.method == "ia3":
         attach_ia3(model, config.targets, n)
     else:
@@ -139,7 +148,7 @@ def install(model: Transformer, adapters: list[tuple[AdapterConfig, dict[str, to
     another method fills, it is the identity (vectors 1, update 0), as is slot 0."""
     if not bank and len(adapters) != 1:
         raise ValueError("without a bank, install exactly one adapter")
-    pools = {config.pool for config, _ in adapters if config.method == "para"}
+    pools = {config.pool or default_pool(model.config) for config, _ in adapters if config.method == "para"}
     if len(pools) > 1:
         raise UserError(f"PARA adapters with different pooling ({', '.join(sorted(pools))}) cannot share a batch")
     remove_adapters(model)
@@ -151,7 +160,7 @@ def install(model: Transformer, adapters: list[tuple[AdapterConfig, dict[str, to
             continue
         rank = max(c.rank for c in configs)
         if method == "para":
-            bank = AdapterConfig("para", rank, pool=configs[0].pool)
+            bank = AdapterConfig("para", rank, pool=pools.pop())
         else:  # every site any of them adapts
             bank = AdapterConfig(method, rank, targets=tuple(s for s in SITES if any(s in c.targets for c in configs)))
         _attach(model, bank, n)
