@@ -32,6 +32,7 @@ import para
 from para.adapter_files import install_bank
 from para.cli import COUNT, add_model_args, run_cli
 from para.errors import UserError
+from para.files import is_text
 from para.generation import Sampling
 from para.loading import model_dir
 from para.serving import Job, Scheduler
@@ -77,10 +78,8 @@ def text_of(content, where: str) -> str:
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise ApiError(400, f"'{where}' must be a string or a list of text parts", where)
-    try:
-        content.encode("utf-8")
-    except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"), which no text holds
-        raise ApiError(400, f"'{where}' holds an invalid Unicode escape (a lone surrogate)", where) from None
+    if not is_text(content):
+        raise ApiError(400, f"'{where}' holds an invalid Unicode escape (a lone surrogate)", where)
     return content
 
 

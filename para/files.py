@@ -96,8 +96,15 @@ def string_field(obj: dict, key: str, where: str, required: bool = True) -> str 
     if not isinstance(value, str):
         problem = "missing" if value is None else f"a {type(value).__name__}, not a string"
         raise UserError(f"{where}: field {key!r} is {problem}")
+    if not is_text(value):
+        raise UserError(f"{where}: field {key!r} holds an invalid Unicode escape (a lone surrogate)")
+    return value
+
+
+def is_text(value: str) -> bool:
+    """False for a string with a lone surrogate ("\ud800" in JSON), which no text holds."""
     try:
         value.encode("utf-8")
-    except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"), which no text holds
-        raise UserError(f"{where}: field {key!r} holds an invalid Unicode escape (a lone surrogate)") from None
-    return value
+        return True
+    except UnicodeEncodeError:
+        return False

@@ -64,9 +64,12 @@ def logits_to_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return probs
 
 
+GREEDY_BELOW = 1e-5   # a temperature this close to 0 is greedy (dividing logits by it would overflow)
+
+
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """(B, V) logits -> (B,) next tokens."""
-    if sampling.temperature <= 0:
+    if sampling.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     return torch.multinomial(logits_to_probs(logits, sampling), 1, generator=generator).squeeze(-1)
 

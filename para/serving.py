@@ -18,11 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from para.generation import Sampling, decode_one, prefill, sample
+from para.generation import GREEDY_BELOW, Sampling, decode_one, prefill, sample
 from para.model import KVCache, Transformer
-
-GREEDY_BELOW = 1e-5   # a temperature this close to 0 is greedy (dividing by it would overflow)
-
 
 @dataclass
 class Job:
