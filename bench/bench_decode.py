@@ -1,8 +1,10 @@
 """Prefill and decode speed of a checkpoint, in the paper's setting (274-token prompt, 32 new
 tokens), at batch 1 and 8, greedy and 3 beams, with decode speed as a fraction of the
-memory-bandwidth bound (every weight byte is read once per decoding step).
+memory-read bound (every weight byte is read once per decoding step, at the rate a sum over
+1 GiB reads memory).
 
-    python bench/bench_decode.py [--model DIR] [--device cpu|cuda] [--dtype ...] [--runs 3]
+    python bench/bench_decode.py [--model DIR | --shape NAME] [--device cpu|cuda] [--dtype ...] [--runs 3]
+                                 [--compile]
 """
 
 from __future__ import annotations
@@ -16,35 +18,24 @@ import torch
 from para.cli import add_model_args, run_cli
 from para.generation import beam_search, generate
 
-from common import NEW_TOKENS, load_with_prompt
-
-
-def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:
-    """Bytes per second that a large copy moves (read + write), the machine's practical ceiling."""
-    src = torch.empty(megabytes * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / min(times)
+from common import NEW_TOKENS, add_shape_arg, device_name, load_with_prompt, read_bandwidth
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
+    add_shape_arg(parser)
+    parser.add_argument("--compile", action="store_true", help="compile the decoding step (CUDA graphs on a GPU)")
     parser.add_argument("--runs", type=int, default=3, help="repetitions; the median is reported")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     model, _, ids = load_with_prompt(args)
+    if args.compile:
+        model.compile_step()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bandwidth = copy_bandwidth(model.device)
-    print(f"device {model.device}, dtype {model.dtype}, threads {torch.get_num_threads()}, "
-          f"weights {weight_bytes / 1e6:.0f} MB, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    bandwidth = read_bandwidth(model.device)
+    print(f"{device_name(model.device)}, dtype {model.dtype}, {'compiled step' if args.compile else 'eager'}, "
+          f"weights {weight_bytes / 1e6:.0f} MB, memory read {bandwidth / 1e9:.1f} GB/s")
     print(f"prompt {len(ids)} tokens, {NEW_TOKENS} new tokens, median of {args.runs} runs")
     print(f"{'batch':>5} {'beams':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'of bound':>9}")
     for batch in args.batch_sizes:
@@ -59,8 +50,7 @@ def main() -> None:
                 decode_rates.append(batch * result.decode_steps / result.decode_seconds)
             prefill_rate = statistics.median(prefill_rates[1:])
             decode_rate = statistics.median(decode_rates[1:])
-            # Each step reads every weight once and yields one token per prompt: at best it
-            # moves bytes as fast as a large copy does (counting the copy's reads and writes).
+            # Each step reads every weight once and yields one token per prompt.
             bound = batch * bandwidth / weight_bytes
             print(f"{batch:>5} {beams:>5} {prefill_rate:>14.1f} {decode_rate:>13.1f} {decode_rate / bound:>8.0%}")
 

@@ -3,11 +3,16 @@ unmerged LoRA, beam 1 and 3, a 274-token prompt and 32 new tokens; then multi-te
 16 requests over 8 adapters of a method as one mixed batch, against one adapter at a time, and
 against the same batch with one adapter for every row (what mixing itself costs).
 
-    python bench/bench_methods.py [--model DIR] [--device cpu|cuda] [--runs 5]
+    python bench/bench_methods.py [--model DIR | --shape llama-2-7b] [--device cpu|cuda] [--runs 5]
+                                  [--compile] [--methods base para ...]
 
 Each method runs in a fresh worker process, so that its peak memory (resident set on CPU,
 allocated GPU memory on CUDA) is its own. Adapters have random weights: speed does not depend
 on what they learned. Ratios are against the base model measured by the same invocation.
+"of bound" is decode speed at beam 1 over the memory-read bound: every weight byte read once
+per token at the rate a sum over 1 GiB reads memory (the KV cache, about 1% here, not counted).
+With --compile the decoding step is compiled (CUDA graphs on a GPU); the multi-tenant part,
+whose batch sizes vary, is then left out.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import torch
 from para.adapter_files import install_bank, load_adapter
 from para.cli import add_model_args, run_cli
 from para.generation import beam_search, generate
-from para.loading import model_dir
+from para.loading import model_dir, resolve_device
 
-from common import NEW_TOKENS, PROMPT_TOKENS, adapter_config, load_with_prompt, make_adapter
+from common import (NEW_TOKENS, PROMPT_TOKENS, adapter_config, add_shape_arg, device_name, load_with_prompt,
+                    make_adapter, read_bandwidth)
 
 METHODS = ("base", "para", "ia3", "lora")
 
@@ -44,9 +50,12 @@ def worker(args: argparse.Namespace) -> None:
     adapters = [make_adapter(model, args.worker, seed) for seed in range(8)] if args.worker != "base" else []
     if adapters:
         load_adapter(model, adapters[0])
+    if args.compile:
+        model.compile_step()
     result = {"method": args.worker,
-              "adapter": adapter_config(model, args.worker).describe() if adapters else "no adapter"}
-    for beams in (1, 3):
+              "adapter": adapter_config(model, args.worker).describe() if adapters else "no adapter",
+              "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    for beams in args.beams:
         decode, end_to_end = [], []
         for run in range(args.runs + 1):  # the first run warms up
             if beams == 1:
@@ -58,11 +67,11 @@ def worker(args: argparse.Namespace) -> None:
                 end_to_end.append(NEW_TOKENS / (r.prefill_seconds + r.decode_seconds))
         result[f"beam{beams}"] = {"decode": decode, "end_to_end": end_to_end}
     result["peak_mb"] = peak_memory_mb(model.device)
-    if adapters:  # 16 requests over 8 adapters: one mixed batch, then one adapter at a time
+    if adapters and not args.compile:  # 16 requests over 8 adapters: one mixed batch, then one adapter at a time
         prompts = [prompt[:PROMPT_TOKENS - 2 * i] for i in range(16)]   # different lengths, as in real traffic
         owners = [i % 8 for i in range(16)]
         timings = {"mixed_s": [], "one_at_a_time_s": [], "shared_s": []}
-        for _ in range(3):  # whole requests take seconds: median of 3, the three ways interleaved
+        for _ in range(min(args.runs, 3)):  # whole requests take seconds: the three ways interleaved
             install_bank(model, adapters)
             start = time.perf_counter()
             generate(model, prompts, NEW_TOKENS, eos_ids=[], which=[o + 1 for o in owners])
@@ -86,39 +95,57 @@ def median_spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
+    add_shape_arg(parser)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per setting (median and half-range shown)")
+    parser.add_argument("--compile", action="store_true", help="compile the decoding step (CUDA graphs on a GPU)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="which to measure (base always is: the ratios need it)")
+    parser.add_argument("--beams", type=int, nargs="+", choices=(1, 3), default=[1, 3])
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    model_dir(args.model)  # fetch the default model once, before the workers start
-    passed = [a for flag in ("model", "device", "dtype") if getattr(args, flag) for a in (f"--{flag}", str(getattr(args, flag)))]
+    if not args.shape:
+        model_dir(args.model)  # fetch the default model once, before the workers start
+    passed = [a for flag in ("model", "device", "dtype", "shape") if getattr(args, flag)
+              for a in (f"--{flag}", str(getattr(args, flag)))] + ["--compile"] * args.compile + \
+        ["--beams", *map(str, args.beams)]
+    methods = [m for m in METHODS if m == "base" or m in args.methods]
     rows = {}
-    for method in METHODS:
+    for method in methods:
         out = subprocess.run([sys.executable, __file__, "--worker", method, "--runs", str(args.runs), *passed],
                              capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"worker {method} failed:\n{out.stderr}")
         rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompt {PROMPT_TOKENS} tokens, "
-          f"{NEW_TOKENS} new tokens, median ± half-range of {args.runs} runs")
-    for method in METHODS:
+    device = resolve_device(args.device)
+    bandwidth = read_bandwidth(device)
+    print(f"torch {torch.__version__}, {device_name(device)}, dtype {args.dtype or 'default'}, "
+          f"{args.shape + ' (random weights)' if args.shape else model_dir(args.model).name}, "
+          f"{'compiled step' if args.compile else 'eager'}, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, "
+          f"median ± half-range of {args.runs} runs; memory read {bandwidth / 1e9:.0f} GB/s")
+    for method in methods:
         print(f"  {method}: {rows[method]['adapter']}")
-    print(f"{'method':<7} {'beam':>4} {'decode tok/s':>15} {'x base':>7} {'end-to-end tok/s':>18} {'x base':>7} {'peak MiB':>9}")
-    for beams in (1, 3):
+    print(f"{'method':<7} {'beam':>4} {'decode tok/s':>15} {'x base':>7} {'of bound':>9} {'end-to-end tok/s':>18} "
+          f"{'x base':>7} {'peak MiB':>9}")
+    for beams in args.beams:
         base = rows["base"][f"beam{beams}"]
-        for method in METHODS:
+        for method in methods:
             r = rows[method][f"beam{beams}"]
+            bound = bandwidth / rows[method]["weight_bytes"]   # tokens/s when every weight is read once per token
+            of_bound = f"{statistics.median(r['decode']) / bound:.0%}" if beams == 1 else ""
             print(f"{method:<7} {beams:>4} {median_spread(r['decode']):>15} "
-                  f"{statistics.median(r['decode']) / statistics.median(base['decode']):>7.3f} "
+                  f"{statistics.median(r['decode']) / statistics.median(base['decode']):>7.3f} {of_bound:>9} "
                   f"{median_spread(r['end_to_end']):>18} "
                   f"{statistics.median(r['end_to_end']) / statistics.median(base['end_to_end']):>7.3f} "
                   f"{rows[method]['peak_mb']:>9.0f}")
-    print("\nmulti-tenant: 16 requests over 8 adapters, 32 new tokens each, median of 3")
+    if args.compile or len(methods) == 1:
+        return
+    print(f"\nmulti-tenant: 16 requests over 8 adapters, 32 new tokens each, median of {min(args.runs, 3)}")
     print("(speed-up: one adapter at a time / mixed; cost of mixing: mixed / the same batch with one adapter)")
     print(f"{'method':<7} {'mixed batch s':>14} {'tok/s':>7} {'one adapter at a time s':>24} {'tok/s':>7} "
           f"{'speed-up':>9} {'one-adapter batch s':>20} {'cost of mixing':>15}")
-    for method in METHODS[1:]:
+    for method in methods[1:]:
         t = rows[method]["tenants"]
         print(f"{method:<7} {t['mixed_s']:>14.2f} {t['tokens'] / t['mixed_s']:>7.1f} {t['one_at_a_time_s']:>24.2f} "
               f"{t['tokens'] / t['one_at_a_time_s']:>7.1f} {t['one_at_a_time_s'] / t['mixed_s']:>8.2f}x "

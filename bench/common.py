@@ -5,16 +5,21 @@ this checkout in .venv, editable)."""
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 import para
 from para.adapter_files import save_adapter
 from para.adapters import (DEFAULT_TARGETS, AdapterConfig, add_adapter, default_pool, is_adapter_parameter,
                            lora_rank_matching)
-from para.loading import model_dir
+from para.config import ModelConfig
+from para.loading import model_dir, name_map, rename, resolve_device, resolve_dtype
+from para.model import Transformer
 
 PROMPT_TOKENS, NEW_TOKENS = 274, 32
 ADAPTERS = tempfile.TemporaryDirectory(prefix="para-bench-")   # the benchmarks' adapters, gone at exit
@@ -23,8 +28,50 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "the number of printed books grew from thousands to millions. ")
 
 
+# Known shapes for --shape: random weights of a real model's size, built on the device (speed
+# does not depend on the values; LLaMA-2-7B's 13.5 GB never needs downloading).
+SHAPES = {
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+                       hidden_act="silu", torch_dtype="bfloat16"),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True, hidden_act="silu", torch_dtype="float32"),
+}
+
+
+def add_shape_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="instead of --model: random weights of this model's shape (for speed only)")
+
+
+def random_model(shape: str, device: str | None, dtype: str | None):
+    """A model of a known shape with random weights, made directly on the device."""
+    config = ModelConfig.from_hf(SHAPES[shape], source=f"--shape {shape}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, config)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.requires_grad_(False)
+    model.fingerprint = f"random {shape}"
+    return model.eval()
+
+
 def load_with_prompt(args: argparse.Namespace):
-    """(model, tokenizer, prompt ids): the model the flags name and a PROMPT_TOKENS-token prompt."""
+    """(model, tokenizer, prompt ids): the model the flags name and a PROMPT_TOKENS-token prompt
+    (random ids, and no tokenizer, with --shape)."""
+    if getattr(args, "shape", None):
+        model = random_model(args.shape, args.device, args.dtype)
+        ids = torch.randint(3, model.config.vocab_size, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0))
+        return model, None, ids.tolist()
     model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
     prompt = tokenizer.encode(TEXT * 20, add_special_tokens=False)[:PROMPT_TOKENS]
     return model, tokenizer, prompt
@@ -51,3 +98,32 @@ def make_adapter(model, method: str, seed: int) -> Path:
     path = Path(ADAPTERS.name) / f"{method}-{seed}.pt"
     save_adapter(model, config, path)
     return path
+
+
+def read_bandwidth(device: torch.device, gigabytes: float = 1.0) -> float:
+    """Bytes per second that reading memory reaches: the best of 5 sums over a tensor of this
+    size, far larger than any cache. Decoding a token reads every weight once, so this over the
+    weights' bytes bounds tokens per second."""
+    data = torch.ones(int(gigabytes * 2**30) // 4, device=device)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        data.sum().item()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / min(times[1:])
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def save_random_checkpoint(shape: str, folder: Path) -> None:
+    """random_model as a Hugging Face checkpoint (config.json, model.safetensors)."""
+    model = random_model(shape, "cpu", None)
+    ours_to_hf = {ours: hf for hf, ours in name_map(model.config).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(SHAPES[shape]))
+    save_file({rename(name, ours_to_hf): t.contiguous() for name, t in model.state_dict().items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})

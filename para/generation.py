@@ -88,11 +88,6 @@ def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, p
     return cache, logits[:, -1]
 
 
-def decode_one(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Feed one token per sequence (B,); return the next logits (B, V)."""
-    return model(tokens[:, None], cache=cache)[:, -1]
-
-
 def _sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -126,7 +121,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         finished |= torch.isin(tokens, eos)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        logits = decode_one(model, tokens, cache)
+        logits = model.step(tokens, cache)
         steps += 1
     end = _sync(model.device)
     return Generation(out, sum(len(p) for p in prompts), after_prefill - start, end - after_prefill, steps)
@@ -212,7 +207,7 @@ def beam_search(model: Transformer, prompts: list[list[int]], max_new_tokens: in
         if all(beams.done):
             break
         cache.reorder(torch.tensor(rows, device=model.device))
-        logits = decode_one(model, torch.tensor(tokens, device=model.device), cache)
+        logits = model.step(torch.tensor(tokens, device=model.device), cache)
         steps += 1
     end = _sync(model.device)
     return Generation(beams.best(), sum(len(p) for p in prompts), after_prefill - start, end - after_prefill, steps)

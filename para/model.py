@@ -143,17 +143,37 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
-        self.pos = 0                # slots filled so far, the same for every sequence
+        # Slots filled so far, the same for every sequence. A tensor, so that a decoding step
+        # reads and writes no Python state: compiled, it is compiled once, not once per position.
+        self.filled = torch.zeros(1, device=device, dtype=torch.long)
         self.has_padding = False    # any invalid slot so far: then attention needs a mask
         self.rows = AdapterRows(config.num_layers, which)
+        self.mark_static()
+
+    def mark_static(self) -> None:
+        """On CUDA, tell torch.compile that these buffers keep their addresses: a decoding step
+        replayed as a CUDA graph writes them in place (no effect without compile)."""
+        if self.k.is_cuda:
+            for buffer in (self.k, self.v, self.valid, self.lengths, self.filled):
+                torch._dynamo.mark_static_address(buffer)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def append(self, T: int, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    @property
+    def pos(self) -> int:
+        return int(self.filled)
+
+    def append(self, T: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Take the next T slots for new tokens (attention_mask (B, T) is False on padding);
-        returns their rotary positions (B, T) and the first new slot."""
+        returns their rotary positions (B, T)."""
+        if T == 1 and attention_mask is None:  # a decoding step: tensors only (see `filled`)
+            positions = self.lengths[:, None].clone()
+            self.valid.index_fill_(1, self.filled, True)
+            self.lengths += 1
+            self.filled += 1
+            return positions
         start = self.pos
         if start + T > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {start + T} needed")
@@ -165,11 +185,18 @@ class KVCache:
         positions = self.lengths[:, None] + attention_mask.long().cumsum(1) - 1
         self.valid[:, start:start + T] = attention_mask
         self.lengths += attention_mask.sum(1)
-        self.pos = start + T
-        return positions.clamp(min=0), start
+        self.filled += T
+        return positions.clamp(min=0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the newest slots' k, v (B, kv_heads, T, head_dim); return all keys and values so far."""
+        """Store the newest slots' k, v (B, kv_heads, T, head_dim); return the keys and values
+        to attend: all so far, or for one token the whole buffer (the step's mask hides the
+        unused slots, and its shapes never change)."""
+        if k.shape[2] == 1:
+            slot = self.filled - 1
+            self.k[layer].index_copy_(2, slot, k)
+            self.v[layer].index_copy_(2, slot, v)
+            return self.k[layer], self.v[layer]
         start = self.pos - k.shape[2]
         self.k[layer, :, :, start:self.pos] = k
         self.v[layer, :, :, start:self.pos] = v
@@ -181,10 +208,12 @@ class KVCache:
             filled = slice(0, self.pos)
             self.k[:, :, :, filled] = self.k[:, :, :, filled].index_select(1, index)
             self.v[:, :, :, filled] = self.v[:, :, :, filled].index_select(1, index)
+            self.valid.copy_(self.valid.index_select(0, index))   # in place: a CUDA graph reads these addresses
+            self.lengths.copy_(self.lengths.index_select(0, index))
         else:                              # a new batch size (each prompt becoming its beams)
             self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
-        self.valid = self.valid.index_select(0, index)
-        self.lengths = self.lengths.index_select(0, index)
+            self.valid, self.lengths = self.valid.index_select(0, index), self.lengths.index_select(0, index)
+            self.mark_static()
         self.rows.reorder(index)
 
     def join(self, other: KVCache, max_len: int) -> KVCache:
@@ -205,8 +234,9 @@ class KVCache:
             joined.v[:, start:end, :, pos - width:pos] = cache.v[:, :, :, first:cache.pos]
             joined.valid[start:end, pos - width:pos] = cache.valid[:, first:cache.pos]
             start = end
-        joined.lengths = torch.cat((self.lengths, other.lengths))
-        joined.pos, joined.has_padding = pos, True
+        joined.lengths.copy_(torch.cat((self.lengths, other.lengths)))
+        joined.filled.fill_(pos)
+        joined.has_padding = True
         joined.rows = self.rows.join(other.rows)
         return joined
 
@@ -374,6 +404,7 @@ class Transformer(nn.Module):
         sliding = "sliding_attention" in config.layer_types  # Gemma 3's sliding layers rotate with another base
         self.rope_local = RotaryEmbedding(config, sliding=True) if sliding else None
         self.grad_checkpointing = False
+        self.compiled_step = None  # set by compile_step
         self.fingerprint: str | None = None  # set by the loader: identifies the base weights for adapters
 
     @property
@@ -408,6 +439,27 @@ class Transformer(nn.Module):
         x = self.hidden_states(input_ids, attention_mask, cache, prompt_end, which)
         return self.output(x[:, -1:] if last_only else x)
 
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step: a token per row (B,) -> the next logits (B, vocab)."""
+        if cache.pos >= cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.pos + 1} needed")
+        if self.compiled_step is None:
+            return self.decoding_step(tokens, cache)
+        torch.compiler.cudagraph_mark_step_begin()   # the last step's outputs are no longer read
+        return self.compiled_step(tokens, cache).clone()
+
+    def decoding_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The step itself. Its shapes never change (the cache is preallocated and masked) and it
+        reads no Python state that changes, so torch.compile compiles it once per batch size."""
+        return self(tokens[:, None], cache=cache)[:, -1]
+
+    def compile_step(self) -> None:
+        """Decode with a compiled step (torch.compile; on CUDA replayed as a CUDA graph, which
+        removes the launch overhead of a few hundred small kernels per token). The first step of
+        each batch size pays the compilation, about a minute."""
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.compiled_step = torch.compile(self.decoding_step, fullgraph=True, dynamic=False, mode=mode)
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       cache: KVCache | None = None, prompt_end: torch.Tensor | None = None,
                       which: torch.Tensor | None = None) -> torch.Tensor:
@@ -438,16 +490,24 @@ class Transformer(nn.Module):
         layer the model has: None where plain causal attention over every key is right."""
         B, T = input_ids.shape
         device = input_ids.device
+        kinds, window = set(self.config.layer_types), self.config.sliding_window
+        if cache is not None and T == 1:  # a decoding step attends over the whole cache buffer
+            positions = cache.append(T, attention_mask)
+            query, key = cache.filled - 1, torch.arange(cache.max_len, device=device)
+            full = cache.valid | (key == query)                              # (B, L)
+            masks = {"full_attention": full[:, None, None]}
+            if "sliding_attention" in kinds:
+                masks["sliding_attention"] = (full & (query - key < window))[:, None, None]
+            return positions, masks
         if cache is not None:
-            positions, start = cache.append(T, attention_mask)
-            valid, padded = cache.valid[:, :cache.pos], cache.has_padding
+            positions = cache.append(T, attention_mask)
+            start, valid, padded = cache.pos - T, cache.valid[:, :cache.pos], cache.has_padding
         else:
             start = 0
             valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None \
                 else attention_mask.to(device=device, dtype=torch.bool)
             padded = attention_mask is not None and not bool(valid.all())
             positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # counted from each row's first real token
-        kinds, window = set(self.config.layer_types), self.config.sliding_window
         plain = not padded and (T == 1 or start == 0)  # SDPA's own is_causal (or no mask at all) is right
         if plain and ("sliding_attention" not in kinds or start + T <= window):
             return positions, dict.fromkeys(kinds)

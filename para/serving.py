@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from para.generation import GREEDY_BELOW, Sampling, decode_one, prefill, sample
+from para.generation import GREEDY_BELOW, Sampling, prefill, sample
 from para.model import KVCache, Transformer
 
 @dataclass
@@ -102,7 +102,7 @@ class Scheduler(threading.Thread):
         self.leave(keep)
         if keep:
             next_tokens = torch.tensor([tokens[i] for i in keep], device=self.model.device)
-            self.logits = decode_one(self.model, next_tokens, self.cache)
+            self.logits = self.model.step(next_tokens, self.cache)
 
     def admit(self) -> None:
         """Prefill the waiting jobs that fit and join them to the running batch."""

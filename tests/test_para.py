@@ -13,7 +13,7 @@ from para.adapters import (AdapterConfig, add_adapter, is_adapter_parameter, lor
                            mark_only_adapter_trainable, parameter_counts)
 from para.config import ModelConfig
 from para.data import Example, collate
-from para.generation import beam_search, decode_one, generate, prefill
+from para.generation import beam_search, generate, prefill
 from para.loading import load_model
 from para.model import Transformer
 from para.trainer import TrainConfig, Trainer, loss_sum
@@ -394,7 +394,7 @@ def test_joined_caches_decode_as_each_alone(tmp_path):
         cache, logits = prefill(server, first, 8, which=which_first)
         tokens = [[t] for t in logits.argmax(-1).tolist()]
         for _ in range(3):
-            logits = decode_one(server, torch.tensor([t[-1] for t in tokens]), cache)
+            logits = server.step(torch.tensor([t[-1] for t in tokens]), cache)
             for row, t in zip(tokens, logits.argmax(-1).tolist()):
                 row.append(t)
         cache.reorder(torch.tensor([0]))              # row 1 leaves with 4 tokens
@@ -405,7 +405,7 @@ def test_joined_caches_decode_as_each_alone(tmp_path):
         for row, t in zip(rows[1:], newcomer_logits.argmax(-1).tolist()):
             row.append(t)
         while len(rows[0]) < 8:
-            logits = decode_one(server, torch.tensor([r[-1] for r in rows]), cache)
+            logits = server.step(torch.tensor([r[-1] for r in rows]), cache)
             for row, t in zip(rows, logits.argmax(-1).tolist()):
                 row.append(t)
     assert tokens[1] == alone[1][:4]

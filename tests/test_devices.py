@@ -1,0 +1,99 @@
+"""The compiled decoding step, and the CUDA paths (skipped where there is no GPU)."""
+
+import pytest
+import torch
+
+from checkpoints import TINY_GEMMA3, TINY_LLAMA, write_checkpoint
+from conftest import run
+from para.adapter_files import install_bank
+from para.adapters import AdapterConfig, add_adapter, is_adapter_parameter
+from para.adapter_files import save_adapter
+from para.generation import beam_search, generate
+from para.loading import load_model
+
+PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12]]   # different lengths: left padding, masks
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def random_adapters(model, tmp_path, n=2):
+    """n PARA adapter files with random (trained-looking) generators."""
+    paths = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        config = AdapterConfig("para", rank=4)
+        add_adapter(model, config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if is_adapter_parameter(name):
+                    p.add_(torch.randn_like(p) * 0.1)
+        paths.append(tmp_path / f"para-{seed}.pt")
+        save_adapter(model, config, paths[-1])
+    return paths
+
+
+def decode_all(model):
+    """Greedy and 3-beam tokens of PROMPTS, base rows and adapter rows mixed in one batch."""
+    mixed = generate(model, PROMPTS * 2, 10, eos_ids=[], which=[0, 1, 2, 0]).tokens
+    beams = beam_search(model, PROMPTS, 10, eos_ids=[], num_beams=3, which=[2, 1]).tokens
+    return mixed, beams
+
+
+@pytest.mark.parametrize("cfg", [TINY_LLAMA, TINY_GEMMA3], ids=["llama", "gemma3"])
+def test_compiled_step_decodes_the_same_tokens_and_compiles_once_per_batch_size(tmp_path, cfg):
+    write_checkpoint(tmp_path / "m", cfg)
+    model = load_model(tmp_path / "m", "cpu", "float32")
+    install_bank(model, random_adapters(model, tmp_path))
+    eager = decode_all(model)
+    torch._dynamo.reset()
+    model.compile_step()
+    torch._dynamo.utils.counters.clear()
+    assert decode_all(model) == eager
+    # one graph per batch size, 4 (greedy) and 6 (2 prompts x 3 beams), never one per position
+    # (prefills are not compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+@cuda
+@pytest.mark.parametrize("cfg", [TINY_LLAMA, TINY_GEMMA3], ids=["llama", "gemma3"])
+def test_cuda_gives_the_cpu_logits_and_tokens(tmp_path, cfg):
+    write_checkpoint(tmp_path / "m", cfg)
+    cpu, gpu = (load_model(tmp_path / "m", device, "float32") for device in ("cpu", "cuda"))
+    ids = torch.randint(3, 90, (2, 20))
+    torch.testing.assert_close(gpu(ids.cuda()).cpu(), cpu(ids), atol=1e-4, rtol=0)
+    for model in (cpu, gpu):
+        install_bank(model, random_adapters(model, tmp_path))
+    assert decode_all(gpu) == decode_all(cpu)
+
+
+@cuda
+def test_cuda_graph_step_decodes_the_same_tokens(tmp_path):
+    write_checkpoint(tmp_path / "m", TINY_GEMMA3)
+    model = load_model(tmp_path / "m", "cuda", "float32")
+    install_bank(model, random_adapters(model, tmp_path))
+    eager = decode_all(model)
+    model.compile_step()   # mode reduce-overhead: the step is replayed as a CUDA graph
+    assert decode_all(model) == eager
+    assert decode_all(model) == eager   # replays, the cache buffers reused in place
+
+
+@cuda
+def test_bfloat16_on_cuda_is_close_to_float32(tmp_path):
+    write_checkpoint(tmp_path / "m", TINY_LLAMA)
+    full, half = (load_model(tmp_path / "m", "cuda", dtype) for dtype in ("float32", "bfloat16"))
+    ids = torch.randint(3, 90, (2, 20), device="cuda")
+    reference = full(ids)
+    error = (half(ids).float() - reference).norm() / reference.norm()
+    assert error < 2e-2
+    assert len(generate(half, PROMPTS, 8, eos_ids=[]).tokens[0]) == 8
+
+
+@cuda
+def test_training_and_generation_in_bfloat16_on_cuda(tiny, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(f'{{"prompt": "Is {n} even or odd?", "response": "{"even" if n % 2 == 0 else "odd"}"}}\n'
+                            for n in range(40)))
+    run("train.py", "--model", tiny, "--data", data, "--device", "cuda", "--dtype", "bfloat16", "--epochs", "2",
+        "--batch-size", "8", "--lr", "1e-2", "--out", tmp_path / "para.pt")
+    out = run("generate.py", "--model", tiny, "--device", "cuda", "--dtype", "bfloat16", "--adapter",
+              tmp_path / "para.pt", "--prompt", "Is 4 even or odd?", "--max-new-tokens", "4", "--compile")
+    assert out.stdout.strip()
