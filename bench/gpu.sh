@@ -21,8 +21,8 @@ step() {  # step SECONDS NAME COMMAND...: run it, keep its log, print its end
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
-step 150 tests $PY -m pytest -q -p no:cacheprovider tests/test_devices.py
+step 100 tests $PY -m pytest -q -p no:cacheprovider tests/test_devices.py ${TESTS:-}
 step 200 table4-eager $PY bench/bench_methods.py --shape llama-2-7b --device cuda --dtype bfloat16 --runs 2
-step 70 smollm2-vs-transformers $PY bench/bench_transformers.py --shape smollm2-135m --device cuda --hf-python $PY --runs 2
+step 150 smollm2-vs-transformers $PY bench/bench_transformers.py --shape smollm2-135m --device cuda --hf-python $PY --runs 2
 step 170 table4-compiled $PY bench/bench_methods.py --shape llama-2-7b --device cuda --dtype bfloat16 --runs 2 \
     --compile --methods para --beams 1

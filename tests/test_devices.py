@@ -60,8 +60,9 @@ def test_cuda_gives_the_cpu_logits_and_tokens(tmp_path, cfg):
     cpu, gpu = (load_model(tmp_path / "m", device, "float32") for device in ("cpu", "cuda"))
     ids = torch.randint(3, 90, (2, 20))
     torch.testing.assert_close(gpu(ids.cuda()).cpu(), cpu(ids), atol=1e-4, rtol=0)
+    adapters = random_adapters(cpu, tmp_path)
     for model in (cpu, gpu):
-        install_bank(model, random_adapters(model, tmp_path))
+        install_bank(model, adapters)
     assert decode_all(gpu) == decode_all(cpu)
 
 
