@@ -117,6 +117,8 @@ def main() -> None:
                              capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"worker {method} failed:\n{out.stderr}")
+        if out.stderr.strip():   # warnings, and torch.compile's hints under TORCH_LOGS
+            print(f"worker {method}:\n{out.stderr.strip()}", file=sys.stderr)
         rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
     device = resolve_device(args.device)
     bandwidth = read_bandwidth(device)
