@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-
-import torch
 
 from para.cli import add_model_args, run_cli
 from para.generation import beam_search, generate
 
-from common import NEW_TOKENS, add_shape_arg, device_name, load_with_prompt, read_bandwidth
+from common import NEW_TOKENS, device_name, load_with_prompt, read_bandwidth
+from shapes import add_shape_arg
 
 
 def main() -> None:

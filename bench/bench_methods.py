@@ -32,8 +32,9 @@ from para.cli import add_model_args, run_cli
 from para.generation import beam_search, generate
 from para.loading import model_dir, resolve_device
 
-from common import (NEW_TOKENS, PROMPT_TOKENS, adapter_config, add_shape_arg, device_name, load_with_prompt,
+from common import (NEW_TOKENS, PROMPT_TOKENS, adapter_config, device_name, load_with_prompt,
                     make_adapter, read_bandwidth)
+from shapes import add_shape_arg
 
 METHODS = ("base", "para", "ia3", "lora")
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from shapes import SHAPES, add_shape_arg
+
 CASES = {"batch 1, greedy": (1, 1), "batch 1, beam 3": (1, 3), "batch 8, greedy": (8, 1)}
 NEW_TOKENS = 32
 
@@ -66,8 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-python", help="an interpreter that has transformers (a scratch venv)")
     parser.add_argument("--model", type=Path, default=None, help="default: the built-in model")
-    parser.add_argument("--shape", default=None,
-                        help="instead of --model: random weights of a shape in bench/common.py's SHAPES (for speed only)")
+    add_shape_arg(parser)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--compile", action="store_true", help="compile para's decoding step")
     parser.add_argument("--runs", type=int, default=3)
@@ -80,13 +81,11 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if not args.hf_python:
         sys.exit("--hf-python: name the interpreter of a scratch venv with transformers installed")
-    from common import ADAPTERS, PROMPT_TOKENS, SHAPES, TEXT, device_name, save_random_checkpoint
+    from common import SCRATCH, PROMPT_TOKENS, TEXT, device_name, save_random_checkpoint
     import para
     from para.loading import model_dir
     if args.shape:
-        if args.shape not in SHAPES:
-            sys.exit(f"--shape: one of {', '.join(SHAPES)}")
-        folder = Path(ADAPTERS.name) / args.shape
+        folder = Path(SCRATCH.name) / args.shape
         save_random_checkpoint(args.shape, folder)
         words = torch.randint(3, SHAPES[args.shape]["vocab_size"], (400,), generator=torch.Generator().manual_seed(0)).tolist()
     else:

@@ -21,30 +21,13 @@ from para.config import ModelConfig
 from para.loading import model_dir, name_map, rename, resolve_device, resolve_dtype
 from para.model import Transformer
 
+from shapes import SHAPES
+
 PROMPT_TOKENS, NEW_TOKENS = 274, 32
-ADAPTERS = tempfile.TemporaryDirectory(prefix="para-bench-")   # the benchmarks' adapters, gone at exit
+SCRATCH = tempfile.TemporaryDirectory(prefix="para-bench-")   # the benchmarks' adapters and checkpoints, gone at exit
 TEXT = ("The history of the printing press begins in the fifteenth century, when movable metal type made "
         "books cheap enough for ordinary readers. Within fifty years presses spread across Europe, and "
         "the number of printed books grew from thousands to millions. ")
-
-
-# Known shapes for --shape: random weights of a real model's size, built on the device (speed
-# does not depend on the values; LLaMA-2-7B's 13.5 GB never needs downloading).
-SHAPES = {
-    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
-                       rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
-                       hidden_act="silu", torch_dtype="bfloat16"),
-    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                         rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
-                         tie_word_embeddings=True, hidden_act="silu", torch_dtype="float32"),
-}
-
-
-def add_shape_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                        help="instead of --model: random weights of this model's shape (for speed only)")
 
 
 def random_model(shape: str, device: str | None, dtype: str | None):
@@ -95,7 +78,7 @@ def make_adapter(model, method: str, seed: int) -> Path:
         for name, p in model.named_parameters():
             if is_adapter_parameter(name):
                 p.add_(torch.randn_like(p) * 0.01)
-    path = Path(ADAPTERS.name) / f"{method}-{seed}.pt"
+    path = Path(SCRATCH.name) / f"{method}-{seed}.pt"
     save_adapter(model, config, path)
     return path
 

@@ -133,8 +133,9 @@ class KVCache:
     Sequences are left-padded to a common length, so all of them write the same slots at each
     step; `valid` marks which slots hold real tokens and `lengths` counts them, which is each
     sequence's next rotary position. `append` is the one place that advances the cache.
-    A one-token step (decoding) writes its slot through tensors and attends over the whole
-    buffer under the `valid` mask, so that its shapes never change (see Transformer.step).
+    New tokens attend to the first `width` slots: those written so far, or, in a compiled
+    decoding step, the whole buffer under the `valid` mask, so that the step's shapes never
+    change and it compiles once (see Transformer.step).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
@@ -150,6 +151,7 @@ class KVCache:
         # Slots filled so far, the same for every sequence. A tensor, so that a decoding step
         # reads and writes no Python state: compiled, it is compiled once, not once per position.
         self.filled = torch.zeros(1, device=device, dtype=torch.long)
+        self.width = 0              # slots the newest tokens attend (see append)
         self.has_padding = False    # any invalid slot so far: then attention needs a mask
         self.rows = AdapterRows(config.num_layers, which)
         self.mark_static()
@@ -169,14 +171,21 @@ class KVCache:
     def pos(self) -> int:
         return int(self.filled)
 
+    def is_fixed_step(self, T: int, attention_mask: torch.Tensor | None) -> bool:
+        """Is this a compiled decoding step, which reads and writes tensors only and attends
+        over the whole buffer? (Eager steps attend only the slots written: they cost what the
+        cache holds, not what it could hold.)"""
+        return T == 1 and attention_mask is None and torch.compiler.is_compiling()
+
     def append(self, T: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Take the next T slots for new tokens (attention_mask (B, T) is False on padding);
-        returns their rotary positions (B, T)."""
-        if T == 1 and attention_mask is None:  # a decoding step: tensors only (see `filled`)
+        returns their rotary positions (B, T) and sets `width`."""
+        if self.is_fixed_step(T, attention_mask):
             positions = self.lengths[:, None].clone()
             self.valid.index_fill_(1, self.filled, True)
             self.lengths += 1
             self.filled += 1
+            self.width = self.max_len
             return positions
         start = self.pos
         if start + T > self.max_len:
@@ -190,32 +199,31 @@ class KVCache:
         self.valid[:, start:start + T] = attention_mask
         self.lengths += attention_mask.sum(1)
         self.filled += T
+        self.width = start + T
         return positions.clamp(min=0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the newest slots' k, v (B, kv_heads, T, head_dim); return the keys and values
-        to attend: all so far, or for one token the whole buffer (the step's mask hides the
-        unused slots, and its shapes never change)."""
-        if k.shape[2] == 1:
-            slot = self.filled - 1
-            self.k[layer].index_copy_(2, slot, k)
-            self.v[layer].index_copy_(2, slot, v)
-            return self.k[layer], self.v[layer]
-        end = self.pos
-        self.k[layer][:, :, end - k.shape[2]:end] = k
-        self.v[layer][:, :, end - k.shape[2]:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        they attend, the first `width` slots."""
+        if k.shape[2] == 1:   # a slot named by a tensor: a compiled step knows no Python position
+            self.k[layer].index_copy_(2, self.filled - 1, k)
+            self.v[layer].index_copy_(2, self.filled - 1, v)
+        else:
+            self.k[layer][:, :, self.width - k.shape[2]:self.width] = k
+            self.v[layer][:, :, self.width - k.shape[2]:self.width] = v
+        return self.k[layer][:, :, :self.width], self.v[layer][:, :, :self.width]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the sequences at `index` (beam search): rows are gathered, never recomputed."""
         if len(index) == len(self.lengths):  # same batch size: move only the slots written so far
-            filled = slice(0, self.pos)
+            written = slice(0, self.pos)
             for buffer in (*self.k, *self.v):
-                buffer[:, :, filled] = buffer[:, :, filled].index_select(0, index)
+                buffer[:, :, written] = buffer[:, :, written].index_select(0, index)
             self.valid.copy_(self.valid.index_select(0, index))   # in place: a CUDA graph reads these addresses
             self.lengths.copy_(self.lengths.index_select(0, index))
         else:                              # a new batch size (each prompt becoming its beams)
-            self.k, self.v = ([buffer.index_select(0, index) for buffer in buffers] for buffers in (self.k, self.v))
+            self.k = [buffer.index_select(0, index) for buffer in self.k]
+            self.v = [buffer.index_select(0, index) for buffer in self.v]
             self.valid, self.lengths = self.valid.index_select(0, index), self.lengths.index_select(0, index)
             self.mark_static()
         self.rows.reorder(index)
@@ -277,7 +285,7 @@ class Attention(nn.Module):
             q = q * para.q.view(B, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, 1, D)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, H_kv, L, D): everything so far
+            k, v = cache.update(self.layer, k, v)  # (B, H_kv, L, D): the slots attended
         if self.softcap:
             out = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         else:  # no mask means plain causal attention (a prefill from slot 0, or one token seeing all)
@@ -408,7 +416,7 @@ class Transformer(nn.Module):
         sliding = "sliding_attention" in config.layer_types  # Gemma 3's sliding layers rotate with another base
         self.rope_local = RotaryEmbedding(config, sliding=True) if sliding else None
         self.grad_checkpointing = False
-        self.compiled_step = None  # set by compile_step
+        self.compiled_decoding_step = None  # set by compile_step
         self.fingerprint: str | None = None  # set by the loader: identifies the base weights for adapters
 
     @property
@@ -447,14 +455,15 @@ class Transformer(nn.Module):
         """One decoding step: a token per row (B,) -> the next logits (B, vocab)."""
         if cache.pos >= cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.pos + 1} needed")
-        if self.compiled_step is None:
+        if self.compiled_decoding_step is None:
             return self.decoding_step(tokens, cache)
         torch.compiler.cudagraph_mark_step_begin()   # the last step's outputs are no longer read
-        return self.compiled_step(tokens, cache).clone()   # a CUDA graph's next replay overwrites its output
+        return self.compiled_decoding_step(tokens, cache).clone()   # a CUDA graph's next replay overwrites its output
 
     def decoding_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The step itself. Its shapes never change (the cache is preallocated and masked) and it
-        reads no Python state that changes, so torch.compile compiles it once per batch size."""
+        """The step itself. Compiled, its shapes never change (the cache is preallocated and
+        masked) and it reads no Python state that changes, so torch.compile compiles it once per
+        batch size (and per whether the rows name their adapters)."""
         return self(tokens[:, None], cache=cache)[:, -1]
 
     def compile_step(self) -> None:
@@ -462,7 +471,7 @@ class Transformer(nn.Module):
         removes the launch overhead of a few hundred small kernels per token). The first step of
         each batch size pays the compilation: about 30 s for SmolLM2 on 2 CPU cores."""
         mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self.compiled_step = torch.compile(self.decoding_step, fullgraph=True, dynamic=False, mode=mode)
+        self.compiled_decoding_step = torch.compile(self.decoding_step, fullgraph=True, dynamic=False, mode=mode)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       cache: KVCache | None = None, prompt_end: torch.Tensor | None = None,
@@ -495,28 +504,23 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         kinds, window = set(self.config.layer_types), self.config.sliding_window
-        if cache is not None and T == 1:  # a decoding step attends over the whole cache buffer
-            positions = cache.append(T, attention_mask)
-            query, key = cache.filled - 1, torch.arange(cache.max_len, device=device)
-            full = cache.valid | (key == query)                              # (B, L)
-            masks = {"full_attention": full[:, None, None]}
-            if "sliding_attention" in kinds:
-                masks["sliding_attention"] = (full & (query - key < window))[:, None, None]
-            return positions, masks
+        fixed = cache is not None and cache.is_fixed_step(T, attention_mask)
         if cache is not None:
             positions = cache.append(T, attention_mask)
-            start, valid, padded = cache.pos - T, cache.valid[:, :cache.pos], cache.has_padding
+            L, valid, padded = cache.width, cache.valid[:, :cache.width], cache.has_padding
+            # A compiled step's slot is a tensor; the whole buffer is attended, unwritten slots masked.
+            start = cache.filled - 1 if fixed else L - T
         else:
-            start = 0
+            L, start = T, 0
             valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None \
                 else attention_mask.to(device=device, dtype=torch.bool)
             padded = attention_mask is not None and not bool(valid.all())
             positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # counted from each row's first real token
-        plain = not padded and (T == 1 or start == 0)  # SDPA's own is_causal (or no mask at all) is right
-        if plain and ("sliding_attention" not in kinds or start + T <= window):
+        plain = not padded and not fixed and (T == 1 or start == 0)  # SDPA's own is_causal (or no mask at all) is right
+        if plain and ("sliding_attention" not in kinds or L <= window):
             return positions, dict.fromkeys(kinds)
-        query = torch.arange(start, start + T, device=device)[:, None]   # (T, 1)
-        key = torch.arange(start + T, device=device)[None, :]            # (1, L)
+        query = torch.arange(T, device=device)[:, None] + start          # (T, 1)
+        key = torch.arange(L, device=device)[None, :]                    # (1, L)
         # A padding query attends to itself only, so its softmax row is never empty.
         full = (key <= query) & valid[:, None, :] | (key == query)       # (B, T, L)
         masks = {"full_attention": None if plain else full[:, None]}

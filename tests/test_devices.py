@@ -5,9 +5,8 @@ import torch
 
 from checkpoints import TINY_GEMMA3, TINY_LLAMA, write_checkpoint
 from conftest import run
-from para.adapter_files import install_bank
+from para.adapter_files import install_bank, save_adapter
 from para.adapters import AdapterConfig, add_adapter, is_adapter_parameter
-from para.adapter_files import save_adapter
 from para.generation import beam_search, generate
 from para.loading import load_model
 
