@@ -81,13 +81,13 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if not args.hf_python:
         sys.exit("--hf-python: name the interpreter of a scratch venv with transformers installed")
-    from common import SCRATCH, PROMPT_TOKENS, TEXT, device_name, save_random_checkpoint
+    from common import PROMPT_TOKENS, SCRATCH, TEXT, device_name, random_ids, save_random_checkpoint
     import para
     from para.loading import model_dir
     if args.shape:
         folder = Path(SCRATCH.name) / args.shape
         save_random_checkpoint(args.shape, folder)
-        words = torch.randint(3, SHAPES[args.shape]["vocab_size"], (400,), generator=torch.Generator().manual_seed(0)).tolist()
+        words = random_ids(SHAPES[args.shape]["vocab_size"], 400)
     else:
         folder = model_dir(args.model)
         words = para.load(folder, "cpu", "float32")[1].encode(TEXT * 40, add_special_tokens=False)

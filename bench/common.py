@@ -48,13 +48,18 @@ def random_model(shape: str, device: str | None, dtype: str | None):
     return model.eval()
 
 
+def random_ids(vocab_size: int, n: int) -> list[int]:
+    """n token ids for a model with random weights, the same in every run (ids below 3 are
+    often special)."""
+    return torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
 def load_with_prompt(args: argparse.Namespace):
     """(model, tokenizer, prompt ids): the model the flags name and a PROMPT_TOKENS-token prompt
     (random ids, and no tokenizer, with --shape)."""
     if getattr(args, "shape", None):
         model = random_model(args.shape, args.device, args.dtype)
-        ids = torch.randint(3, model.config.vocab_size, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0))
-        return model, None, ids.tolist()
+        return model, None, random_ids(model.config.vocab_size, PROMPT_TOKENS)
     model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
     prompt = tokenizer.encode(TEXT * 20, add_special_tokens=False)[:PROMPT_TOKENS]
     return model, tokenizer, prompt

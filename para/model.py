@@ -171,6 +171,13 @@ class KVCache:
     def pos(self) -> int:
         return int(self.filled)
 
+    def check_room(self, T: int) -> int:
+        """The first of the next T slots; a ValueError if they do not fit."""
+        start = self.pos
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {start + T} needed")
+        return start
+
     def is_fixed_step(self, T: int, attention_mask: torch.Tensor | None) -> bool:
         """Is this a compiled decoding step, which reads and writes tensors only and attends
         over the whole buffer? (Eager steps attend only the slots written: they cost what the
@@ -187,9 +194,7 @@ class KVCache:
             self.filled += 1
             self.width = self.max_len
             return positions
-        start = self.pos
-        if start + T > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {start + T} needed")
+        start = self.check_room(T)
         if attention_mask is None:
             attention_mask = torch.ones(len(self.lengths), T, dtype=torch.bool, device=self.valid.device)
         else:
@@ -453,10 +458,9 @@ class Transformer(nn.Module):
 
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step: a token per row (B,) -> the next logits (B, vocab)."""
-        if cache.pos >= cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.pos + 1} needed")
         if self.compiled_decoding_step is None:
             return self.decoding_step(tokens, cache)
+        cache.check_room(1)   # here, since a compiled step reads no Python position to check
         torch.compiler.cudagraph_mark_step_begin()   # the last step's outputs are no longer read
         return self.compiled_decoding_step(tokens, cache).clone()   # a CUDA graph's next replay overwrites its output
 
