@@ -94,35 +94,64 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def read_later(tokens: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying tokens to the host without waiting for the device; the function returned
+    waits for that copy only, not for the work queued after it, and gives the tokens as a list."""
+    if not tokens.is_cuda:
+        return tokens.tolist
+    host = tokens.to("cpu", non_blocking=True)   # into pinned memory, queued behind the step that made them
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+    return read
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
              sampling: Sampling | None = None, pad_id: int = 0,
-             on_token: Callable[[int, int], None] | None = None, which: list[int] | None = None) -> Generation:
+             on_token: Callable[[int, int], None] | None = None, which: list[int] | None = None,
+             ahead: bool | None = None) -> Generation:
     """Sample up to max_new_tokens for each prompt, stopping a sequence at its first EOS.
-    on_token(row, token) is called as each token is produced (for streaming)."""
+    on_token(row, token) is called as each token is produced (for streaming).
+    `ahead` (the default on a GPU) queues each step before the tokens it follows are read back,
+    so that the host's bookkeeping overlaps the device's work; when every sequence has ended,
+    one step is wasted."""
     sampling = sampling or Sampling()
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(model.device).manual_seed(sampling.seed)
-    eos = torch.tensor(sorted(eos_ids) or [-1], device=model.device)
     start = _sync(model.device)
     cache, logits = prefill(model, prompts, max_new_tokens, pad_id, which)
     after_prefill = _sync(model.device)
     out: list[list[int]] = [[] for _ in prompts]
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
-    steps = 0
+    finished = [False] * len(prompts)
+    ahead = model.device.type == "cuda" if ahead is None else ahead
+    greedy = sampling.temperature < GREEDY_BELOW
+
+    def next_tokens(tokens: torch.Tensor) -> torch.Tensor:
+        if greedy:   # the argmax without all the logits (Transformer.greedy_step)
+            return model.greedy_step(tokens, cache)
+        return sample(model.step(tokens, cache), sampling, generator)
+
+    tokens, upcoming, steps = sample(logits, sampling, generator), None, 0
     for step in range(max_new_tokens):
-        tokens = sample(logits, sampling, generator)
-        for row, (token, was_finished) in enumerate(zip(tokens.tolist(), finished.tolist())):
-            if not was_finished:
+        read, last = read_later(tokens), step == max_new_tokens - 1
+        if ahead and not last:
+            upcoming, steps = next_tokens(tokens), steps + 1
+        for row, token in enumerate(read()):
+            if not finished[row]:
                 out[row].append(token)
                 if on_token:
                     on_token(row, token)
-        finished |= torch.isin(tokens, eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+                finished[row] = token in eos_ids
+        if all(finished) or last:
             break
-        logits = model.step(tokens, cache)
-        steps += 1
+        if upcoming is None:
+            upcoming, steps = next_tokens(tokens), steps + 1
+        tokens, upcoming = upcoming, None
     end = _sync(model.device)
     return Generation(out, sum(len(p) for p in prompts), after_prefill - start, end - after_prefill, steps)
 

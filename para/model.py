@@ -22,6 +22,7 @@ plain full-sequence path that the tests compare the cached path against.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from para import greedy_head
 from para.config import ACTIVATIONS, ModelConfig, rope_scaling_type
 
 
@@ -126,34 +128,73 @@ class AdapterRows:
         return joined
 
 
+class BufferPool:
+    """KV buffers that a compiled model reuses. A compiled step is specialised to its buffers'
+    sizes (one compilation each) and a CUDA graph to their addresses (one recording each), so a
+    compiled model sizes caches in a few steps (`size`) and gives a finished cache's buffers to
+    the next cache of that size: one compilation and one recording per batch size and size
+    step, not one per call. The pool keeps the buffers of the largest batches it has served."""
+
+    def __init__(self):
+        self.free: dict[tuple, list[list[torch.Tensor]]] = {}
+
+    @staticmethod
+    def size(slots: int) -> int:
+        """slots rounded up to a multiple of an eighth of the next power of two (and of 64): at
+        most a quarter more, four sizes per doubling."""
+        step = max(64, (1 << (slots - 1).bit_length()) // 8)
+        return -(-slots // step) * step
+
+    def take(self, owner: object, key: tuple, allocate) -> list[torch.Tensor]:
+        """A free set of buffers under `key` (or allocate() new ones); they come back to the
+        pool when `owner` is garbage-collected."""
+        free = self.free.setdefault(key, [])
+        buffers = free.pop() if free else allocate()
+        weakref.finalize(owner, free.append, buffers)
+        return buffers
+
+
 class KVCache:
     """Keys and values of every layer for a batch, preallocated up to `max_len` positions,
     with the batch's AdapterRows.
 
     Sequences are left-padded to a common length, so all of them write the same slots at each
     step; `valid` marks which slots hold real tokens and `lengths` counts them, which is each
-    sequence's next rotary position. `append` is the one place that advances the cache.
+    sequence's next rotary position. `append` advances the cache (but a compiled step's `pos`,
+    a Python int, is advanced outside the graph, by Transformer.step).
     New tokens attend to the first `width` slots: those written so far, or, in a compiled
     decoding step, the whole buffer under the `valid` mask, so that the step's shapes never
     change and it compiles once (see Transformer.step).
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 device: torch.device | str, dtype: torch.dtype, which: torch.Tensor | None = None):
-        self.config = config
-        # One (B, kv_heads, max_len, head_dim) buffer per layer: a compiled step writes each in
-        # place (a slice of one big buffer would be copied whole).
-        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
-        self.lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
-        # Slots filled so far, the same for every sequence. A tensor, so that a decoding step
-        # reads and writes no Python state: compiled, it is compiled once, not once per position.
-        self.filled = torch.zeros(1, device=device, dtype=torch.long)
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype, which: torch.Tensor | None = None, pool: BufferPool | None = None):
+        self.config, self.pool = config, pool
+        self.take_buffers(batch_size, max_len, torch.device(device), dtype)
+        self.pos = 0                # slots filled so far, the same for every sequence (`filled` on the device)
         self.width = 0              # slots the newest tokens attend (see append)
         self.has_padding = False    # any invalid slot so far: then attention needs a mask
         self.rows = AdapterRows(config.num_layers, which)
+
+    def take_buffers(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Zeroed buffers for batch_size rows of max_len slots: new ones, or a finished cache's
+        from the pool. k and v hold one (B, kv_heads, max_len, head_dim) buffer per layer: a
+        compiled step writes each in place (a slice of one big buffer would be copied whole).
+        `filled` is `pos` as a tensor, so that a decoding step reads and writes no Python
+        state: compiled, it is compiled once, not once per position."""
+        config = self.config
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+
+        def allocate() -> list[torch.Tensor]:
+            kv = [torch.empty(shape, device=device, dtype=dtype) for _ in range(2 * config.num_layers)]
+            return [*kv, torch.empty(batch_size, max_len, device=device, dtype=torch.bool),
+                    *(torch.empty(n, device=device, dtype=torch.long) for n in (batch_size, 1))]
+
+        buffers = allocate() if self.pool is None else self.pool.take(self, (shape, device, dtype), allocate)
+        for buffer in buffers:
+            buffer.zero_()
+        n = config.num_layers
+        self.k, self.v, (self.valid, self.lengths, self.filled) = buffers[:n], buffers[n:2 * n], buffers[2 * n:]
         self.mark_static()
 
     def mark_static(self) -> None:
@@ -166,10 +207,6 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.valid.shape[1]
-
-    @property
-    def pos(self) -> int:
-        return int(self.filled)
 
     def check_room(self, T: int) -> int:
         """The first of the next T slots; a ValueError if they do not fit."""
@@ -191,7 +228,7 @@ class KVCache:
             positions = self.lengths[:, None].clone()
             self.valid.index_fill_(1, self.filled, True)
             self.lengths += 1
-            self.filled += 1
+            self.filled += 1   # pos, a Python int, is advanced outside the graph (Transformer.step)
             self.width = self.max_len
             return positions
         start = self.check_room(T)
@@ -204,6 +241,7 @@ class KVCache:
         self.valid[:, start:start + T] = attention_mask
         self.lengths += attention_mask.sum(1)
         self.filled += T
+        self.pos += T
         self.width = start + T
         return positions.clamp(min=0)
 
@@ -227,10 +265,11 @@ class KVCache:
             self.valid.copy_(self.valid.index_select(0, index))   # in place: a CUDA graph reads these addresses
             self.lengths.copy_(self.lengths.index_select(0, index))
         else:                              # a new batch size (each prompt becoming its beams)
-            self.k = [buffer.index_select(0, index) for buffer in self.k]
-            self.v = [buffer.index_select(0, index) for buffer in self.v]
-            self.valid, self.lengths = self.valid.index_select(0, index), self.lengths.index_select(0, index)
-            self.mark_static()
+            old = (*self.k, *self.v, self.valid, self.lengths)
+            self.take_buffers(len(index), self.max_len, self.valid.device, self.k[0].dtype)
+            for mine, theirs in zip((*self.k, *self.v, self.valid, self.lengths), old):
+                torch.index_select(theirs, 0, index, out=mine)
+            self.filled.fill_(self.pos)
         self.rows.reorder(index)
 
     def join(self, other: KVCache, max_len: int) -> KVCache:
@@ -253,6 +292,7 @@ class KVCache:
             start = end
         joined.lengths.copy_(torch.cat((self.lengths, other.lengths)))
         joined.filled.fill_(pos)
+        joined.pos = pos
         joined.has_padding = True
         joined.rows = self.rows.join(other.rows)
         return joined
@@ -422,6 +462,8 @@ class Transformer(nn.Module):
         self.rope_local = RotaryEmbedding(config, sliding=True) if sliding else None
         self.grad_checkpointing = False
         self.compiled_decoding_step = None  # set by compile_step
+        self.cache_pool: BufferPool | None = None   # set by compile_step
+        self.greedy_head: greedy_head.GreedyHead | None = None   # made by the first greedy_step
         self.fingerprint: str | None = None  # set by the loader: identifies the base weights for adapters
 
     @property
@@ -433,8 +475,12 @@ class Transformer(nn.Module):
         return self.embed.weight.dtype
 
     def new_cache(self, batch_size: int, max_len: int, which: torch.Tensor | None = None) -> KVCache:
-        """An empty cache; which (B,) picks each row's adapter when a bank of several is installed."""
-        return KVCache(self.config, batch_size, max_len, self.device, self.dtype, which)
+        """An empty cache for at least max_len slots; which (B,) picks each row's adapter when a
+        bank of several is installed. A compiled model's caches come from its BufferPool."""
+        if self.cache_pool is None:
+            return KVCache(self.config, batch_size, max_len, self.device, self.dtype, which)
+        return KVCache(self.config, batch_size, BufferPool.size(max_len), self.device, self.dtype, which,
+                       pool=self.cache_pool)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -458,24 +504,48 @@ class Transformer(nn.Module):
 
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step: a token per row (B,) -> the next logits (B, vocab)."""
+        return self.project(self.step_hidden(tokens, cache))
+
+    def greedy_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One greedy decoding step: a token per row (B,) -> the argmax of step's logits (B,),
+        from a bfloat16 copy of the output projection where that is cheaper (greedy_head.py)."""
+        h = self.step_hidden(tokens, cache)
+        weight = self.output_weight
+        if not greedy_head.worthwhile(weight):
+            return self.project(h).argmax(-1)
+        if self.greedy_head is None or not self.greedy_head.is_for(weight):
+            self.greedy_head = greedy_head.GreedyHead(weight, self.cap_logits)
+        return self.greedy_head(h)
+
+    def step_hidden(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """A decoding step up to the output projection: tokens (B,) -> normed hidden states (B, d)."""
         if self.compiled_decoding_step is None:
             return self.decoding_step(tokens, cache)
-        cache.check_room(1)   # here, since a compiled step reads no Python position to check
+        cache.check_room(1)   # here, since a compiled step reads no Python position
         torch.compiler.cudagraph_mark_step_begin()   # the last step's outputs are no longer read
-        return self.compiled_decoding_step(tokens, cache).clone()   # a CUDA graph's next replay overwrites its output
+        h = self.compiled_decoding_step(tokens, cache).clone()   # a CUDA graph's next replay overwrites its output
+        cache.pos += 1
+        return h
 
     def decoding_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The step itself. Compiled, its shapes never change (the cache is preallocated and
-        masked) and it reads no Python state that changes, so torch.compile compiles it once per
-        batch size (and per whether the rows name their adapters)."""
-        return self(tokens[:, None], cache=cache)[:, -1]
+        """The step itself (step_hidden's). Compiled, its shapes never change (the cache is
+        preallocated and masked) and it reads no Python state that changes, so torch.compile
+        compiles it once per batch size and cache size (and per whether the rows name their
+        adapters)."""
+        return self.norm(self.hidden_states(tokens[:, None], cache=cache)[:, -1])
 
     def compile_step(self) -> None:
         """Decode with a compiled step (torch.compile; on CUDA replayed as a CUDA graph, which
         removes the launch overhead of a few hundred small kernels per token). The first step of
-        each batch size pays the compilation: about 30 s for SmolLM2 on 2 CPU cores."""
+        each batch size and cache size (BufferPool.size) pays the compilation: about 30 s for
+        SmolLM2 on 2 CPU cores, once (torch keeps compiled code on disk)."""
         mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self.compiled_decoding_step = torch.compile(self.decoding_step, fullgraph=True, dynamic=False, mode=mode)
+        self.cache_pool = BufferPool()
+        # Past this many compilations torch.compile runs the step eagerly: allow a few batch sizes
+        # times a few cache sizes.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+        self.compiled_decoding_step = torch.compile(self.decoding_step, fullgraph=True, dynamic=False, mode=mode, options=options)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       cache: KVCache | None = None, prompt_end: torch.Tensor | None = None,
@@ -497,7 +567,17 @@ class Transformer(nn.Module):
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: hidden states (..., d_model) -> logits (..., vocab)."""
-        logits = F.linear(self.norm(x), self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        return self.project(self.norm(x))
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states (..., d_model) -> logits (..., vocab)."""
+        return self.cap_logits(F.linear(h, self.output_weight))
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_logit_softcapping
         return logits if not cap else torch.tanh(logits / cap) * cap   # Gemma 2
 

@@ -9,6 +9,7 @@ from para.adapter_files import install_bank, save_adapter
 from para.adapters import AdapterConfig, add_adapter, is_adapter_parameter
 from para.generation import beam_search, generate
 from para.loading import load_model
+from para.model import BufferPool
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12]]   # different lengths: left padding, masks
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,6 +51,41 @@ def test_compiled_step_decodes_the_same_tokens_and_compiles_once_per_batch_size(
     # one graph per batch size, 4 (greedy) and 6 (2 prompts x 3 beams), never one per position
     # (prefills are not compiled)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    # other prompt lengths in the same cache size (BufferPool.size: 64 slots) compile nothing new
+    longer = [list(range(3, 30)), list(range(40, 50))]
+    assert generate(model, longer * 2, 10, eos_ids=[]).tokens == generate_eagerly(model, longer * 2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def generate_eagerly(model, prompts):
+    compiled, pool = model.compiled_decoding_step, model.cache_pool
+    model.compiled_decoding_step = model.cache_pool = None
+    try:
+        return generate(model, prompts, 10, eos_ids=[]).tokens
+    finally:
+        model.compiled_decoding_step, model.cache_pool = compiled, pool
+
+
+@pytest.mark.parametrize(("slots", "size"), [(1, 64), (64, 64), (65, 128), (306, 320), (513, 640), (1025, 1280)])
+def test_compiled_cache_sizes_are_few_and_at_most_a_quarter_larger(slots, size):
+    assert BufferPool.size(slots) == size
+
+
+def test_a_compiled_model_reuses_a_finished_caches_buffers_never_a_live_ones(tmp_path):
+    write_checkpoint(tmp_path / "m", TINY_LLAMA)
+    model = load_model(tmp_path / "m", "cpu", "float32")
+    model.compile_step()   # nothing is compiled until a step runs
+    first = model.new_cache(2, 30)
+    assert first.max_len == 64
+    second = model.new_cache(2, 40)   # the first is alive: other buffers
+    assert second.k[0].data_ptr() != first.k[0].data_ptr()
+    first.k[0].fill_(1.0)
+    first.pos = 5
+    address = first.k[0].data_ptr()
+    del first
+    third = model.new_cache(2, 50)   # the first's buffers, zeroed
+    assert third.k[0].data_ptr() == address and third.k[0].abs().sum() == 0 and third.pos == 0
+    assert model.new_cache(3, 50).k[0].shape[0] == 3   # another batch size: its own buffers
 
 
 @cuda

@@ -54,6 +54,24 @@ def test_stops_at_eos_per_sequence(model):
     assert stopped[1] == free[1][:second]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_queueing_each_step_ahead_changes_no_token(tmp_path, arch):
+    """`ahead` (a GPU's default) runs each step before its input tokens are read back."""
+    write_checkpoint(tmp_path, ARCHS[arch])
+    model = load_model(tmp_path, device="cpu")
+    prompts = prompts_of([5, 7])
+    sampling = Sampling(temperature=1.2, top_k=40, seed=3)
+    for options in ({}, {"sampling": sampling}):
+        free = generate(model, prompts, 10, eos_ids=[], **options)
+        assert generate(model, prompts, 10, eos_ids=[], ahead=True, **options).tokens == free.tokens
+        eos = free.tokens[0][2]
+        waited = generate(model, prompts, 10, eos_ids=[eos], **options)
+        early = generate(model, prompts, 10, eos_ids=[eos], ahead=True, **options)
+        assert early.tokens == waited.tokens
+        ended = max(len(t) for t in waited.tokens)   # at most one step wasted when all have ended
+        assert waited.decode_steps == ended - 1 and early.decode_steps == min(ended, 9)
+
+
 def test_greedy_is_deterministic_and_counts_tokens(model):
     prompts = prompts_of([6, 3])
     first, second = generate(model, prompts, 8, eos_ids=[]), generate(model, prompts, 8, eos_ids=[])

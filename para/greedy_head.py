@@ -1,0 +1,68 @@
+"""Greedy decoding's output projection for about half its cost, with the same tokens.
+
+A greedy step needs only the argmax of the logits W h, not the logits. On a CPU a decoding step
+costs what reading the weights costs, and the output projection W (vocab x d_model) is a large
+share of them in float32: 21% of SmolLM2-135M's, 59% of Gemma 3 270M's. So the projection is
+first computed from a bfloat16 copy of W (half the bytes), a = W16 h16, whose error is bounded
+for every token j (Cauchy-Schwarz, with the row norms computed once):
+
+    |W_j h - a_j| <= |W_j - W16_j| |h| + |W16_j| (|h - h16| + d 2^-23 |h16|) + 2^-8 |a_j|
+
+(rounding the inputs; float32 accumulation over d terms, ours and the reference's; rounding
+a_j to bfloat16). The CANDIDATES tokens with the highest upper bounds a_j + e_j are scored
+exactly in float32; when the next upper bound lies below the best score, no other token can
+win and the best candidate is the token (on real text only 1 to 6 tokens have an upper bound
+above the best lower bound max_k a_k - e_k: at most 22 in 400 positions measured on SmolLM2).
+Otherwise the full float32 projection decides that row. Ties go to the lowest id, as
+torch.argmax's do, so the token is argmax(W h), up to the order of float32 additions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+CANDIDATES = 32
+
+
+def worthwhile(weight: torch.Tensor) -> bool:
+    """Only float32 weights on a CPU with bfloat16 dot products (AVX512-BF16 or AMX) gain."""
+    bf16_hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and bf16_hardware \
+        and weight.shape[0] > CANDIDATES
+
+
+class GreedyHead:
+    """h (B, d) -> argmax of cap(W h) (B,), from a bfloat16 copy of W made once. cap is the
+    model's monotonic logit transform (Gemma 2's softcap): it can make near logits equal."""
+
+    def __init__(self, weight: torch.Tensor, cap: Callable[[torch.Tensor], torch.Tensor]):
+        self.weight, self.version, self.cap = weight, weight._version, cap
+        self.low = weight.to(torch.bfloat16)
+        self.weight_error = (weight - self.low.float()).norm(dim=-1).max()   # max_j |W_j - W16_j|
+        self.low_norm = self.low.float().norm(dim=-1).max()                  # max_j |W16_j|
+
+    def is_for(self, weight: torch.Tensor) -> bool:
+        """Still a copy of these weights (not changed in place since)?"""
+        return weight is self.weight and weight._version == self.version
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        h_low = h.to(torch.bfloat16)
+        # a = W16 h16 (B, V); for one row a matrix-vector product, which reads bfloat16 twice as fast
+        approx = torch.mv(self.low, h_low[0])[None] if len(h) == 1 else F.linear(h_low, self.low)
+        top, candidates = approx.topk(CANDIDATES + 1, dim=-1)
+        norm = lambda x: x.float().norm(dim=-1)                                       # noqa: E731
+        error = self.weight_error * norm(h) + self.low_norm * (norm(h - h_low) + h.shape[-1] * 2.0 ** -23 * norm(h_low))
+        # every other token j has a_j <= top[:, -1], so W_j h <= upper (a + 2^-8 |a| grows with a)
+        upper = top[:, -1].float()
+        upper = upper + upper.abs() * 2.0 ** -8 + error
+        candidates = candidates[:, :-1].sort(-1).values       # ascending ids: ties go to the lowest
+        exact = self.cap(torch.einsum("bkd,bd->bk", self.weight[candidates], h))
+        best, index = exact.max(-1)
+        tokens = candidates.gather(1, index[:, None]).squeeze(1)
+        certain = self.cap(upper) < best   # no other token can reach the best candidate
+        if bool(certain.all()):
+            return tokens
+        return torch.where(certain, tokens, self.cap(F.linear(h, self.weight)).argmax(-1))
