@@ -1,7 +1,7 @@
 """Prefill and decode speed of a checkpoint, in the paper's setting (274-token prompt, 32 new
 tokens), at batch 1 and 8, greedy and 3 beams, with decode speed as a fraction of the
 memory-read bound (every weight byte is read once per decoding step, at the rate a sum over
-1 GiB reads memory).
+1 GiB reads memory; a greedy step reads the output projection's bfloat16 copy on a CPU).
 
     python bench/bench_decode.py [--model DIR | --shape NAME] [--device cpu|cuda] [--dtype ...] [--runs 3]
                                  [--compile]
@@ -15,7 +15,7 @@ import statistics
 from para.cli import add_model_args, run_cli
 from para.generation import beam_search, generate
 
-from common import NEW_TOKENS, device_name, load_with_prompt, read_bandwidth
+from common import NEW_TOKENS, device_name, load_with_prompt, read_bandwidth, step_bytes
 from shapes import add_shape_arg
 
 
@@ -49,7 +49,7 @@ def main() -> None:
             prefill_rate = statistics.median(prefill_rates[1:])
             decode_rate = statistics.median(decode_rates[1:])
             # Each step reads every weight once and yields one token per prompt.
-            bound = batch * bandwidth / weight_bytes
+            bound = batch * bandwidth / step_bytes(model, greedy=beams == 1)
             print(f"{batch:>5} {beams:>5} {prefill_rate:>14.1f} {decode_rate:>13.1f} {decode_rate / bound:>8.0%}")
 
 

@@ -10,7 +10,8 @@ Each method runs in a fresh worker process, so that its peak memory (resident se
 allocated GPU memory on CUDA) is its own. Adapters have random weights: speed does not depend
 on what they learned. Ratios are against the base model measured by the same invocation.
 "of bound" is decode speed at beam 1 over the memory-read bound: every weight byte read once
-per token at the rate a sum over 1 GiB reads memory (the KV cache, about 1% here, not counted).
+per token at the rate a sum over 1 GiB reads memory (the KV cache, about 1% here, not counted;
+a greedy step reads the output projection's bfloat16 copy on a CPU).
 With --compile the decoding step is compiled (CUDA graphs on a GPU); the multi-tenant part,
 whose batch sizes vary, is then left out.
 """
@@ -33,7 +34,7 @@ from para.generation import beam_search, generate
 from para.loading import model_dir, resolve_device
 
 from common import (NEW_TOKENS, PROMPT_TOKENS, adapter_config, device_name, load_with_prompt,
-                    make_adapter, read_bandwidth)
+                    make_adapter, read_bandwidth, step_bytes)
 from shapes import add_shape_arg
 
 METHODS = ("base", "para", "ia3", "lora")
@@ -55,7 +56,7 @@ def worker(args: argparse.Namespace) -> None:
         model.compile_step()
     result = {"method": args.worker,
               "adapter": adapter_config(model, args.worker).describe() if adapters else "no adapter",
-              "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+              "greedy_step_bytes": step_bytes(model, greedy=True)}
     for beams in args.beams:
         decode, end_to_end = [], []
         for run in range(args.runs + 1):  # the first run warms up
@@ -135,7 +136,7 @@ def main() -> None:
         base = rows["base"][f"beam{beams}"]
         for method in methods:
             r = rows[method][f"beam{beams}"]
-            bound = bandwidth / rows[method]["weight_bytes"]   # tokens/s when every weight is read once per token
+            bound = bandwidth / rows[method]["greedy_step_bytes"]   # tokens/s when every weight is read once per token
             of_bound = f"{statistics.median(r['decode']) / bound:.0%}" if beams == 1 else ""
             print(f"{method:<7} {beams:>4} {median_spread(r['decode']):>15} "
                   f"{statistics.median(r['decode']) / statistics.median(base['decode']):>7.3f} {of_bound:>9} "

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import para
+from para import greedy_head
 from para.adapter_files import save_adapter
 from para.adapters import (DEFAULT_TARGETS, AdapterConfig, add_adapter, default_pool, is_adapter_parameter,
                            lora_rank_matching)
@@ -99,6 +100,16 @@ def read_bandwidth(device: torch.device, gigabytes: float = 1.0) -> float:
         data.sum().item()
         times.append(time.perf_counter() - start)
     return data.numel() * 4 / min(times[1:])
+
+
+def step_bytes(model: Transformer, greedy: bool) -> int:
+    """Weight bytes a decoding step reads: all of them, but a greedy step reads the output
+    projection's bfloat16 copy where the model makes one (para/greedy_head.py)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight = model.output_weight
+    if greedy and greedy_head.worthwhile(weight):
+        total -= weight.numel() * (weight.element_size() - 2)
+    return total
 
 
 def device_name(device: torch.device) -> str:
