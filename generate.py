@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="compile the decoding step with torch.compile (on CUDA replayed as a CUDA graph): "
                         "faster decoding, after compiling once per batch size and cache size (on 2 CPU cores about 90 s the "
-                        "first time, kept on disk; see the README)")
+                        "first time, seconds in later runs; see the README)")
     parser.add_argument("--json", action="store_true", help="one JSON line per output, with token counts and speeds")
     args = parser.parse_args(argv)
     sampling = args.temperature > 0 or args.top_k is not None or args.top_p is not None

@@ -136,7 +136,7 @@ def main() -> None:
         base = rows["base"][f"beam{beams}"]
         for method in methods:
             r = rows[method][f"beam{beams}"]
-            bound = bandwidth / rows[method]["greedy_step_bytes"]   # tokens/s when every weight is read once per token
+            bound = bandwidth / rows[method]["greedy_step_bytes"]   # tokens/s when a step reads each weight once
             of_bound = f"{statistics.median(r['decode']) / bound:.0%}" if beams == 1 else ""
             print(f"{method:<7} {beams:>4} {median_spread(r['decode']):>15} "
                   f"{statistics.median(r['decode']) / statistics.median(base['decode']):>7.3f} {of_bound:>9} "

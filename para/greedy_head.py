@@ -6,16 +6,17 @@ share of them in float32: 21% of SmolLM2-135M's, 63% of Gemma 3 270M's. So the p
 first computed from a bfloat16 copy of W (half the bytes), a = W16 h16, whose error is bounded
 for every token j (Cauchy-Schwarz, with the largest row norms computed once):
 
-    |W_j h - a_j| <= e + 2^-8 |a_j|,   e = max_i |W_i - W16_i| |h| + max_i |W16_i| (|h - h16| + d 2^-23 |h16|)
+    |W_j h - a_j| <= e + 2^-8 |a_j|,   e = max_i |W_i - W16_i| |h| + N (|h - h16| + d 2^-22 max(|h|, |h16|))
 
-(rounding the inputs; float32 accumulation over d terms, ours and the reference's; rounding
-a_j to bfloat16). The CANDIDATES tokens with the highest a_j are scored exactly in float32.
-Every other token has a_j at most the next highest a, so its logit is at most that a plus its
-error; when that lies below the best score, no other token can win and the best candidate is
-the token (on real text 1 to 6 tokens come within reach of the best: at most 23 in 400
-positions measured on SmolLM2). Otherwise the full float32 projection decides that row. Ties
-go to the lowest id, as torch.argmax's do, so the token is argmax(W h), up to the order of
-float32 additions.
+with N the largest norm of a row of W or W16 (rounding the inputs; float32 accumulation over d
+terms, ours and the reference's, with room to spare; rounding a_j to bfloat16; the bound itself
+is computed in float32, whose rounding is far inside that room). The CANDIDATES tokens with
+the highest a_j are scored exactly in float32. Every other token has a_j at most the next
+highest a, so its logit is at most that a plus its error; when that lies below the best
+score, no other token can win and the best candidate is the token (on real text 1 to 6 tokens
+come within reach of the best: at most 23 in 400 positions measured on SmolLM2). Otherwise the
+full float32 projection decides that row. Ties go to the lowest id, as torch.argmax's do, so
+the token is argmax(W h), up to the order of float32 additions.
 """
 
 from __future__ import annotations
@@ -40,17 +41,25 @@ class GreedyHead:
     model's monotonic logit transform (Gemma 2's softcap): it can make near logits equal."""
 
     def __init__(self, weight: torch.Tensor, cap: Callable[[torch.Tensor], torch.Tensor]):
-        self.weight, self.version, self.cap = weight, weight._version, cap
-        self.low = weight.to(torch.bfloat16)
-        self.weight_error = self.low_norm = 0.0   # max_j |W_j - W16_j| and max_j |W16_j|
-        for rows, low in zip(weight.split(4096), self.low.split(4096)):   # no float32 copy of all of W
-            low = low.float()
-            self.weight_error = max(self.weight_error, float((rows - low).norm(dim=-1).max()))
-            self.low_norm = max(self.low_norm, float(low.norm(dim=-1).max()))
+        self.weight, self.version, self.cap = weight, self.version_of(weight), cap
+        with torch.no_grad():
+            self.low = weight.to(torch.bfloat16)
+            # max_j |W_j - W16_j| and max_j max(|W_j|, |W16_j|), a block of rows at a time
+            # (no float32 copy of all of W)
+            self.weight_error = self.row_norm = 0.0
+            for rows, low in zip(weight.split(4096), self.low.split(4096)):
+                low = low.float()
+                self.weight_error = max(self.weight_error, float((rows - low).norm(dim=-1).max()))
+                self.row_norm = max(self.row_norm, float(low.norm(dim=-1).max()), float(rows.norm(dim=-1).max()))
+
+    @staticmethod
+    def version_of(weight: torch.Tensor) -> int | None:
+        return None if weight.is_inference() else weight._version   # inference tensors keep no count
 
     def is_for(self, weight: torch.Tensor) -> bool:
-        """Still a copy of these weights (not changed in place since)?"""
-        return weight is self.weight and weight._version == self.version
+        """Still a copy of these weights (not changed in place since, as far as the tensor's
+        version counter tells: not through .data)?"""
+        return weight is self.weight and self.version_of(weight) == self.version
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         h_low = h.to(torch.bfloat16)
@@ -58,8 +67,9 @@ class GreedyHead:
         approx = torch.mv(self.low, h_low[0])[None] if len(h) == 1 else F.linear(h_low, self.low)
         top, candidates = approx.topk(CANDIDATES + 1, dim=-1)
         norm = lambda x: x.float().norm(dim=-1)                                       # noqa: E731
-        rounding = norm(h - h_low) + h.shape[-1] * 2.0 ** -23 * norm(h_low)
-        error = self.weight_error * norm(h) + self.low_norm * rounding                 # e, (B,)
+        # (float32 accumulation, ours and the reference's, counted twice over for safety)
+        rounding = norm(h - h_low) + h.shape[-1] * 2.0 ** -22 * torch.maximum(norm(h), norm(h_low))
+        error = self.weight_error * norm(h) + self.row_norm * rounding                 # e, (B,)
         # every other token j has a_j <= top[:, -1], so W_j h <= upper (a + 2^-8 |a| grows with a)
         upper = top[:, -1].float()
         upper = upper + upper.abs() * 2.0 ** -8 + error

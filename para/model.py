@@ -133,25 +133,37 @@ class BufferPool:
     sizes (one compilation each) and a CUDA graph to their addresses (one recording each), so a
     compiled model sizes caches in a few steps (`size`) and gives a finished cache's buffers to
     the next cache of that size: one compilation and one recording per batch size and size
-    step, not one per call. The pool keeps the buffers of the largest batches it has served."""
+    step, not one per call. Besides the buffers of live caches it keeps the KEEP sets returned
+    last, so that a run through many sizes does not hold a set for each."""
+
+    KEEP = 4
 
     def __init__(self):
-        self.free: dict[tuple, list[list[torch.Tensor]]] = {}
+        self.free: list[tuple[tuple, list[torch.Tensor]]] = []   # (key, buffers), oldest first
 
     @staticmethod
     def size(slots: int) -> int:
-        """slots rounded up to a multiple of an eighth of the next power of two (and of 64): at
-        most a quarter more, four sizes per doubling."""
+        """slots rounded up to a multiple of 64, or above 256 slots of an eighth of the next
+        power of two: at most a quarter more there, four sizes per doubling."""
         step = max(64, (1 << (slots - 1).bit_length()) // 8)
         return -(-slots // step) * step
 
     def take(self, owner: object, key: tuple, allocate) -> list[torch.Tensor]:
         """A free set of buffers under `key` (or allocate() new ones); they come back to the
         pool when `owner` is garbage-collected."""
-        free = self.free.setdefault(key, [])
-        buffers = free.pop() if free else allocate()
-        weakref.finalize(owner, free.append, buffers)
+        for i in reversed(range(len(self.free))):
+            if self.free[i][0] == key:
+                buffers = self.free.pop(i)[1]
+                break
+        else:
+            with torch.inference_mode(False):   # ordinary tensors: a later cache may fill them outside inference mode
+                buffers = allocate()
+        weakref.finalize(owner, self.give_back, key, buffers)
         return buffers
+
+    def give_back(self, key: tuple, buffers: list[torch.Tensor]) -> None:
+        self.free.append((key, buffers))
+        del self.free[:-self.KEEP]
 
 
 class KVCache:
@@ -161,7 +173,7 @@ class KVCache:
     Sequences are left-padded to a common length, so all of them write the same slots at each
     step; `valid` marks which slots hold real tokens and `lengths` counts them, which is each
     sequence's next rotary position. `append` advances the cache (but a compiled step's `pos`,
-    a Python int, is advanced outside the graph, by Transformer.step).
+    a Python int, is advanced outside the graph, by Transformer.step_hidden).
     New tokens attend to the first `width` slots: those written so far, or, in a compiled
     decoding step, the whole buffer under the `valid` mask, so that the step's shapes never
     change and it compiles once (see Transformer.step).
@@ -228,7 +240,7 @@ class KVCache:
             positions = self.lengths[:, None].clone()
             self.valid.index_fill_(1, self.filled, True)
             self.lengths += 1
-            self.filled += 1   # pos, a Python int, is advanced outside the graph (Transformer.step)
+            self.filled += 1   # pos, a Python int, is advanced outside the graph (Transformer.step_hidden)
             self.width = self.max_len
             return positions
         start = self.check_room(T)
@@ -521,10 +533,10 @@ class Transformer(nn.Module):
         """A decoding step up to the output projection: tokens (B,) -> normed hidden states (B, d)."""
         if self.compiled_decoding_step is None:
             return self.decoding_step(tokens, cache)
-        cache.check_room(1)   # here, since a compiled step reads no Python position
+        start = cache.check_room(1)   # here, since a compiled step reads no Python position
         torch.compiler.cudagraph_mark_step_begin()   # the last step's outputs are no longer read
         h = self.compiled_decoding_step(tokens, cache).clone()   # a CUDA graph's next replay overwrites its output
-        cache.pos += 1
+        cache.pos = start + 1   # (set, not added: where torch.compile is disabled the step ran eagerly and set it)
         return h
 
     def decoding_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -537,8 +549,8 @@ class Transformer(nn.Module):
     def compile_step(self) -> None:
         """Decode with a compiled step (torch.compile; on CUDA replayed as a CUDA graph, which
         removes the launch overhead of a few hundred small kernels per token). The first step of
-        each batch size and cache size (BufferPool.size) pays the compilation, once per machine
-        (torch keeps compiled code on disk): about 90 s for SmolLM2 on 2 CPU cores."""
+        each batch size and cache size (BufferPool.size) pays the compilation: about 90 s for
+        SmolLM2 on 2 CPU cores, seconds in a later process (inductor caches its kernels on disk)."""
         self.cache_pool = BufferPool()
         # Past this many compilations torch.compile runs the step eagerly: allow a few batch sizes
         # times a few cache sizes (the setting's older name, which newer torch keeps).

@@ -7,7 +7,7 @@ from checkpoints import TINY_GEMMA3, TINY_LLAMA, write_checkpoint
 from conftest import run
 from para.adapter_files import install_bank, save_adapter
 from para.adapters import AdapterConfig, add_adapter, is_adapter_parameter
-from para.generation import beam_search, generate
+from para.generation import beam_search, generate, prefill
 from para.loading import load_model
 from para.model import BufferPool
 
@@ -86,6 +86,26 @@ def test_a_compiled_model_reuses_a_finished_caches_buffers_never_a_live_ones(tmp
     third = model.new_cache(2, 50)   # the first's buffers, zeroed
     assert third.k[0].data_ptr() == address and third.k[0].abs().sum() == 0 and third.pos == 0
     assert model.new_cache(3, 50).k[0].shape[0] == 3   # another batch size: its own buffers
+    for rows in range(4, 12):   # finished caches of many sizes: only the last few sets are kept
+        model.new_cache(rows, 50)
+    assert len(model.cache_pool.free) == BufferPool.KEEP
+    with torch.inference_mode():
+        model.new_cache(20, 50)
+    model.new_cache(20, 50).valid.fill_(True)   # made in inference mode, filled outside it
+
+
+def test_a_compiled_step_that_ran_eagerly_keeps_the_cache_position(tmp_path):
+    """Where torch.compile is disabled, the 'compiled' step runs eagerly and advances the cache
+    itself: the position must still move by one."""
+    write_checkpoint(tmp_path / "m", TINY_LLAMA)
+    model = load_model(tmp_path / "m", "cpu", "float32")
+    expected = generate(model, PROMPTS, 6, eos_ids=[]).tokens
+    model.compile_step()
+    model.compiled_decoding_step = model.decoding_step   # what a disabled torch.compile runs
+    assert generate(model, PROMPTS, 6, eos_ids=[]).tokens == expected
+    cache, _ = prefill(model, PROMPTS, 6)
+    model.step(torch.tensor([3, 4]), cache)
+    assert cache.pos == int(cache.filled) == 8
 
 
 @cuda

@@ -45,3 +45,11 @@ def test_a_changed_weight_needs_a_new_copy():
     assert head.is_for(weight)
     weight.mul_(2)
     assert not head.is_for(weight) and not head.is_for(weight.clone())
+
+
+def test_weights_made_in_inference_mode_work():
+    with torch.inference_mode():
+        weight = torch.randn(100, 8)
+    h = torch.randn(3, 8)
+    head = GreedyHead(weight, identity)
+    assert head.is_for(weight) and torch.equal(head(h), (h @ weight.T).argmax(-1))
