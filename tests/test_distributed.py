@@ -3,7 +3,6 @@ a bfloat16 base with a float32 adapter), and an interrupted distributed run resu
 same adapter."""
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -12,12 +11,6 @@ import torch
 
 from checkpoints import write_model_with_tokenizer
 from conftest import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +28,9 @@ def setup(tmp_path_factory):
 
 
 def train(args, ranks=1, check=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port())] if ranks > 1 else [sys.executable]
+    # --standalone: the launcher's own rendezvous on a free local port (picking one here could race)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
+        if ranks > 1 else [sys.executable]
     proc = subprocess.run([*launcher, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=600)
     if check:
