@@ -30,7 +30,7 @@ def main() -> None:
     model, _, ids = load_with_prompt(args)
     if args.compile:
         model.compile_step()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = step_bytes(model, greedy=False)
     bandwidth = read_bandwidth(model.device)
     print(f"{device_name(model.device)}, dtype {model.dtype}, {'compiled step' if args.compile else 'eager'}, "
           f"weights {weight_bytes / 1e6:.0f} MB, memory read {bandwidth / 1e9:.1f} GB/s")

@@ -31,9 +31,8 @@ CANDIDATES = 32
 
 def worthwhile(weight: torch.Tensor) -> bool:
     """Only float32 weights on a CPU with bfloat16 dot products (AVX512-BF16 or AMX) gain."""
-    bf16_hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and bf16_hardware \
-        and weight.shape[0] > CANDIDATES
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[0] > CANDIDATES \
+        and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 class GreedyHead:

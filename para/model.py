@@ -176,7 +176,7 @@ class KVCache:
     a Python int, is advanced outside the graph, by Transformer.step_hidden).
     New tokens attend to the first `width` slots: those written so far, or, in a compiled
     decoding step, the whole buffer under the `valid` mask, so that the step's shapes never
-    change and it compiles once (see Transformer.step).
+    change and it compiles once (see Transformer.step_hidden).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
@@ -523,11 +523,10 @@ class Transformer(nn.Module):
         from a bfloat16 copy of the output projection where that is cheaper (greedy_head.py)."""
         h = self.step_hidden(tokens, cache)
         weight = self.output_weight
-        if not greedy_head.worthwhile(weight):
-            return self.project(h).argmax(-1)
-        if self.greedy_head is None or not self.greedy_head.is_for(weight):
-            self.greedy_head = greedy_head.GreedyHead(weight, self.cap_logits)
-        return self.greedy_head(h)
+        if self.greedy_head is None or not self.greedy_head.is_for(weight):   # made once per weight, where it pays
+            worthwhile = greedy_head.worthwhile(weight)
+            self.greedy_head = greedy_head.GreedyHead(weight, self.cap_logits) if worthwhile else None
+        return self.project(h).argmax(-1) if self.greedy_head is None else self.greedy_head(h)
 
     def step_hidden(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """A decoding step up to the output projection: tokens (B,) -> normed hidden states (B, d)."""
