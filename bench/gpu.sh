@@ -5,10 +5,11 @@
 #                generation, the step replayed as a CUDA graph);
 #   table4       the paper's Table 4 with LLaMA-2-7B's shape in bfloat16, random weights: base,
 #                PARA, (IA)^3, unmerged LoRA, beams 1 and 3, eager;
-#   compiled     the same at beam 1 with the compiled step (CUDA graphs), base, PARA and LoRA,
+#   compiled     the same at beam 1 with the compiled step (CUDA graphs), all four methods,
 #                with torch.compile's hints on what kept it from CUDA graphs in the log;
-#   transformers SmolLM2-135M's shape against transformers (float32), para eager.
-# Needs torch with CUDA and, for the last, transformers in the same interpreter. Logs go to $OUT.
+#   transformers SmolLM2-135M's shape against transformers (float32), para compiled.
+# Needs torch with CUDA and, for the last, transformers in the same interpreter. Steps run in the
+# order named; logs go to $OUT.
 #     OUT=gpu-results bash bench/gpu.sh [tests] [table4] [compiled] [transformers]
 set -u
 OUT=${OUT:-gpu-results}
@@ -16,17 +17,24 @@ PY=${PY:-python3}
 STEPS=${*:-tests table4 compiled transformers}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS COMMAND...: run it if asked for, keep its log, print its end
-    local name=$1 seconds=$2; shift 2
-    [[ " $STEPS " == *" $name "* ]] || return 0
-    echo "== $name ($(date +%T))"
-    timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
-    echo "exit $?"; grep -v "^\s*$" "$OUT/$name.txt" | tail -n 14
+command_of() {  # the command of each step
+    case $1 in
+        tests) echo "$PY -m pytest -q -p no:cacheprovider tests/test_devices.py" ;;
+        table4) echo "$PY bench/bench_methods.py --shape llama-2-7b --device cuda --dtype bfloat16 --runs 2" ;;
+        compiled) echo "env TORCH_LOGS=perf_hints $PY bench/bench_methods.py --shape llama-2-7b --device cuda" \
+                       "--dtype bfloat16 --runs 2 --compile --beams 1" ;;
+        transformers) echo "$PY bench/bench_transformers.py --shape smollm2-135m --device cuda --hf-python $PY" \
+                           "--runs 2 --compile" ;;
+        *) echo "unknown step $1" >&2; exit 2 ;;
+    esac
 }
+declare -A SECONDS_OF=([tests]=150 [table4]=200 [compiled]=300 [transformers]=200)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
-step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_devices.py
-step table4 200 $PY bench/bench_methods.py --shape llama-2-7b --device cuda --dtype bfloat16 --runs 2
-step compiled 240 env TORCH_LOGS=perf_hints $PY bench/bench_methods.py --shape llama-2-7b --device cuda \
-    --dtype bfloat16 --runs 2 --compile --methods para lora --beams 1
-step transformers 200 $PY bench/bench_transformers.py --shape smollm2-135m --device cuda --hf-python $PY --runs 2
+for name in $STEPS; do command_of "$name" > /dev/null || exit 2; done
+for name in $STEPS; do   # in the order asked for
+    command=$(command_of "$name")
+    echo "== $name ($(date +%T)): $command"
+    timeout "${SECONDS_OF[$name]}" $command > "$OUT/$name.txt" 2>&1
+    echo "exit $?"; grep -v "^\s*$" "$OUT/$name.txt" | tail -n 14
+done

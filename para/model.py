@@ -113,10 +113,23 @@ class AdapterRows:
     def __init__(self, num_layers: int, which: torch.Tensor | None = None):
         self.which = which
         self.vectors: list[PromptVectors | None] = [None] * num_layers
+        # Fixed homes for the vectors, one per layer, where a compiled model's cache provides them:
+        # a CUDA graph then reads them in place instead of copying 3 inputs per layer each step.
+        self.homes: list[PromptVectors] | None = None
+
+    def store(self, layer: int, vectors: PromptVectors) -> None:
+        if self.homes is not None:
+            for home, new in zip(self.homes[layer], vectors):
+                home.copy_(new)
+            vectors = self.homes[layer]
+        self.vectors[layer] = vectors
 
     def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows at `index` (into homes of the new batch size, if the cache has them)."""
         self.which = None if self.which is None else self.which.index_select(0, index)
-        self.vectors = [None if v is None else v.index_select(index) for v in self.vectors]
+        for layer, vectors in enumerate(self.vectors):
+            if vectors is not None:
+                self.store(layer, vectors.index_select(index))
 
     def join(self, other: AdapterRows) -> AdapterRows:
         """This batch's rows, then `other`'s; both must name each row's adapter."""
@@ -180,40 +193,47 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype, which: torch.Tensor | None = None, pool: BufferPool | None = None):
+                 dtype: torch.dtype, which: torch.Tensor | None = None, pool: BufferPool | None = None,
+                 para: bool = False):
         self.config, self.pool = config, pool
+        self.para = para and pool is not None   # pooled homes for PARA's vectors too (AdapterRows.homes)
+        self.rows = AdapterRows(config.num_layers, which)
         self.take_buffers(batch_size, max_len, torch.device(device), dtype)
         self.pos = 0                # slots filled so far, the same for every sequence (`filled` on the device)
         self.width = 0              # slots the newest tokens attend (see append)
         self.has_padding = False    # any invalid slot so far: then attention needs a mask
-        self.rows = AdapterRows(config.num_layers, which)
 
     def take_buffers(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
         """Zeroed buffers for batch_size rows of max_len slots: new ones, or a finished cache's
         from the pool. k and v hold one (B, kv_heads, max_len, head_dim) buffer per layer: a
         compiled step writes each in place (a slice of one big buffer would be copied whole).
         `filled` is `pos` as a tensor, so that a decoding step reads and writes no Python
-        state: compiled, it is compiled once, not once per position."""
-        config = self.config
+        state: compiled, it is compiled once, not once per position. With `para`, the rows'
+        PARA vectors get pooled homes as well."""
+        config, n = self.config, self.config.num_layers
         shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        widths = (config.q_width, config.kv_width, config.intermediate_size) if self.para else ()
 
         def allocate() -> list[torch.Tensor]:
-            kv = [torch.empty(shape, device=device, dtype=dtype) for _ in range(2 * config.num_layers)]
+            kv = [torch.empty(shape, device=device, dtype=dtype) for _ in range(2 * n)]
+            homes = [torch.empty(batch_size, 1, width, device=device, dtype=dtype) for _ in range(n) for width in widths]
             return [*kv, torch.empty(batch_size, max_len, device=device, dtype=torch.bool),
-                    *(torch.empty(n, device=device, dtype=torch.long) for n in (batch_size, 1))]
+                    *(torch.empty(rows, device=device, dtype=torch.long) for rows in (batch_size, 1)), *homes]
 
-        buffers = allocate() if self.pool is None else self.pool.take(self, (shape, device, dtype), allocate)
+        buffers = allocate() if self.pool is None else self.pool.take(self, (shape, device, dtype, self.para), allocate)
         for buffer in buffers:
             buffer.zero_()
-        n = config.num_layers
-        self.k, self.v, (self.valid, self.lengths, self.filled) = buffers[:n], buffers[n:2 * n], buffers[2 * n:]
+        self.k, self.v, (self.valid, self.lengths, self.filled) = buffers[:n], buffers[n:2 * n], buffers[2 * n:2 * n + 3]
+        homes = buffers[2 * n + 3:]
+        self.rows.homes = [PromptVectors(*homes[3 * i:3 * i + 3]) for i in range(n)] if homes else None
         self.mark_static()
 
     def mark_static(self) -> None:
         """On CUDA, tell torch.compile that these buffers keep their addresses: a decoding step
         replayed as a CUDA graph writes them in place (no effect without compile)."""
         if self.valid.is_cuda:
-            for buffer in (*self.k, *self.v, self.valid, self.lengths, self.filled):
+            homes = [t for vectors in self.rows.homes or () for t in vectors]
+            for buffer in (*self.k, *self.v, self.valid, self.lengths, self.filled, *homes):
                 torch._dynamo.mark_static_address(buffer)
 
     @property
@@ -453,7 +473,7 @@ class Block(nn.Module):
         if prompt_end is not None:
             source = h if self.vg.pool == "norm" else x
             pooled = source[torch.arange(len(source), device=source.device), prompt_end]  # (B, d_model)
-            rows.vectors[self.layer] = self.vg(pooled, rows.which)
+            rows.store(self.layer, self.vg(pooled, rows.which))
         elif rows.vectors[self.layer] is None:
             raise ValueError("PARA's vectors come from the prompt's last token: pass prompt_end on the "
                              "pass that holds it (a whole-prompt prefill)")
@@ -491,8 +511,9 @@ class Transformer(nn.Module):
         bank of several is installed. A compiled model's caches come from its BufferPool."""
         if self.cache_pool is None:
             return KVCache(self.config, batch_size, max_len, self.device, self.dtype, which)
+        para = any(block.vg is not None for block in self.layers)
         return KVCache(self.config, batch_size, BufferPool.size(max_len), self.device, self.dtype, which,
-                       pool=self.cache_pool)
+                       pool=self.cache_pool, para=para)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)

@@ -94,6 +94,33 @@ def test_a_compiled_model_reuses_a_finished_caches_buffers_never_a_live_ones(tmp
     model.new_cache(20, 50).valid.fill_(True)   # made in inference mode, filled outside it
 
 
+@torch.inference_mode()   # as generate runs
+def test_a_compiled_models_para_vectors_keep_their_addresses(tmp_path):
+    """A CUDA graph copies every input not at its recorded address into place at each replay:
+    a compiled model keeps PARA's vectors (3 a layer) in pooled homes, which beam search's
+    reorder fills in place and the next call's cache reuses."""
+    write_checkpoint(tmp_path / "m", TINY_LLAMA)
+    model = load_model(tmp_path / "m", "cpu", "float32")
+    install_bank(model, random_adapters(model, tmp_path))
+    expected = prefill(model, PROMPTS, 6, which=[1, 2])[0].rows.vectors   # an eager model's vectors
+    model.compile_step()
+    cache, _ = prefill(model, PROMPTS, 6, which=[1, 2])
+    for layer, vectors in enumerate(cache.rows.vectors):
+        for mine, home, theirs in zip(vectors, cache.rows.homes[layer], expected[layer]):
+            assert mine is home
+            torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+    addresses = [t.data_ptr() for vectors in cache.rows.vectors for t in vectors]
+    cache.reorder(torch.tensor([1, 0]))   # same batch size: in place
+    assert [t.data_ptr() for vectors in cache.rows.vectors for t in vectors] == addresses
+    torch.testing.assert_close(cache.rows.vectors[0].up, expected[0].up.flip(0), atol=0, rtol=0)
+    cache.reorder(torch.tensor([0, 0, 1]))   # a new batch size: other homes, of 3 rows
+    assert cache.rows.vectors[0].q is cache.rows.homes[0].q and len(cache.rows.homes[0].q) == 3
+    del cache
+    again, _ = prefill(model, PROMPTS, 6, which=[1, 2])
+    assert [t.data_ptr() for vectors in again.rows.vectors for t in vectors] == addresses
+    torch.testing.assert_close(again.rows.vectors[1].v, expected[1].v, atol=0, rtol=0)
+
+
 def test_a_compiled_step_that_ran_eagerly_keeps_the_cache_position(tmp_path):
     """Where torch.compile is disabled, the 'compiled' step runs eagerly and advances the cache
     itself: the position must still move by one."""
@@ -133,6 +160,20 @@ def test_cuda_graph_step_decodes_the_same_tokens(tmp_path):
     assert recordings > 0
     assert decode_all(model) == eager   # replays: the pooled cache buffers keep their addresses
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"] == recordings
+
+
+@cuda
+def test_a_cuda_graph_copies_in_only_the_tokens_not_paras_vectors(tmp_path):
+    """Inputs at other addresses than recorded are copied in at every replay; PARA's vectors
+    (3 a layer) are read where they live (AdapterRows.homes), so only the tokens are copied."""
+    write_checkpoint(tmp_path / "m", TINY_LLAMA)
+    model = load_model(tmp_path / "m", "cuda", "float32")
+    install_bank(model, random_adapters(model, tmp_path, n=1))
+    torch._dynamo.reset()
+    model.compile_step()
+    torch._dynamo.utils.counters.clear()
+    generate(model, PROMPTS, 6, eos_ids=[], which=[1, 1])   # one batch size: one recording
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"] == 1
 
 
 @cuda
