@@ -28,7 +28,7 @@ command_of() {  # the command of each step
         *) echo "unknown step $1" >&2; exit 2 ;;
     esac
 }
-declare -A SECONDS_OF=([tests]=150 [table4]=200 [compiled]=300 [transformers]=200)
+declare -A SECONDS_OF=([tests]=150 [table4]=200 [compiled]=300 [transformers]=250)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 for name in $STEPS; do command_of "$name" > /dev/null || exit 2; done
