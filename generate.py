@@ -19,6 +19,7 @@ from para.adapter_files import adapter_training, install_bank, load_adapter
 from para.cli import COUNT, SEED, add_model_args, bounded, run_cli
 from para.data import prompt_and_response
 from para.errors import UserError
+from para.fast import FastDecoder
 from para.files import read_jsonl, string_field
 from para.generation import Generation, Sampling, beam_search, generate
 from para.loading import model_dir
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="compile the decoding step with torch.compile (on CUDA replayed as a CUDA graph): "
                         "faster decoding, after compiling once per batch size and cache size (on 2 CPU cores about 90 s the "
-                        "first time, seconds in later runs; see the README)")
+                        "first time, seconds in later runs; see docs/design.md)")
     parser.add_argument("--json", action="store_true", help="one JSON line per output, with token counts and speeds")
     args = parser.parse_args(argv)
     sampling = args.temperature > 0 or args.top_k is not None or args.top_p is not None
@@ -127,24 +128,25 @@ def encode(tokenizer, request: Request, args: argparse.Namespace, context: int) 
     return ids[-room:]
 
 
-def run_batch(model, tokenizer, ids: list[list[int]], which: list[int] | None, args: argparse.Namespace,
-              stream: bool) -> Generation:
+def run_batch(decoder: FastDecoder, tokenizer, ids: list[list[int]], which: list[int] | None,
+              args: argparse.Namespace, stream: bool) -> Generation:
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     if args.num_beams > 1:
-        return beam_search(model, ids, args.max_new_tokens, tokenizer.eos_ids, args.num_beams, pad_id=pad_id,
-                           which=which)
+        return beam_search(decoder.model, ids, args.max_new_tokens, tokenizer.eos_ids, args.num_beams,
+                           pad_id=pad_id, which=which, decoder=decoder)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     on_token = None
     if stream:
-        decoder = tokenizer.stream()
+        text = tokenizer.stream()
         eos = set(tokenizer.eos_ids)
 
         def on_token(row: int, token: int) -> None:
             if token not in eos:
-                print(decoder.push(token), end="", flush=True)
-    result = generate(model, ids, args.max_new_tokens, tokenizer.eos_ids, sampling, pad_id, on_token, which)
+                print(text.push(token), end="", flush=True)
+    result = generate(decoder.model, ids, args.max_new_tokens, tokenizer.eos_ids, sampling, pad_id, on_token, which,
+                      decoder=decoder)
     if stream:
-        print(decoder.flush(), flush=True)
+        print(text.flush(), flush=True)
     return result
 
 
@@ -152,8 +154,7 @@ def main() -> None:
     args = parse_args()
     requests = read_requests(args)
     model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
-    if args.compile:
-        model.compile_step()
+    decoder = FastDecoder(model, compile=args.compile)
     which = install_adapters(model, requests, args.chat)
     context = model.config.max_position_embeddings
     as_json = args.json or args.requests is not None
@@ -165,7 +166,7 @@ def main() -> None:
         batch = requests[start:start + args.batch_size]
         ids = encoded[start:start + args.batch_size]
         rows = None if which is None else which[start:start + args.batch_size]
-        result = run_batch(model, tokenizer, ids, rows, args, stream)
+        result = run_batch(decoder, tokenizer, ids, rows, args, stream)
         decode_tokens = result.new_tokens - len(batch)  # each sequence's first token comes from the prefill
         for request, prompt_ids, tokens in zip(batch, ids, result.tokens):
             text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)

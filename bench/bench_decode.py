@@ -13,6 +13,7 @@ import argparse
 import statistics
 
 from para.cli import add_model_args, run_cli
+from para.fast import FastDecoder
 from para.generation import beam_search, generate
 
 from common import NEW_TOKENS, device_name, load_with_prompt, read_bandwidth, step_bytes
@@ -28,8 +29,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     model, _, ids = load_with_prompt(args)
-    if args.compile:
-        model.compile_step()
+    decoder = FastDecoder(model, compile=args.compile)
     weight_bytes = step_bytes(model, greedy=False)
     bandwidth = read_bandwidth(model.device)
     print(f"{device_name(model.device)}, dtype {model.dtype}, {'compiled step' if args.compile else 'eager'}, "
@@ -41,9 +41,10 @@ def main() -> None:
             prefill_rates, decode_rates = [], []
             for _ in range(args.runs + 1):  # the first run warms up
                 if beams == 1:
-                    result = generate(model, [ids] * batch, NEW_TOKENS, eos_ids=[])
+                    result = generate(model, [ids] * batch, NEW_TOKENS, eos_ids=[], decoder=decoder)
                 else:
-                    result = beam_search(model, [ids] * batch, NEW_TOKENS, eos_ids=[], num_beams=beams)
+                    result = beam_search(model, [ids] * batch, NEW_TOKENS, eos_ids=[], num_beams=beams,
+                                         decoder=decoder)
                 prefill_rates.append(result.prompt_tokens / result.prefill_seconds)
                 decode_rates.append(batch * result.decode_steps / result.decode_seconds)
             prefill_rate = statistics.median(prefill_rates[1:])

@@ -30,6 +30,7 @@ import torch
 
 from para.adapter_files import install_bank, load_adapter
 from para.cli import add_model_args, run_cli
+from para.fast import FastDecoder
 from para.generation import beam_search, generate
 from para.loading import model_dir, resolve_device
 
@@ -52,8 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     adapters = [make_adapter(model, args.worker, seed) for seed in range(8)] if args.worker != "base" else []
     if adapters:
         load_adapter(model, adapters[0])
-    if args.compile:
-        model.compile_step()
+    decoder = FastDecoder(model, compile=args.compile)
     result = {"method": args.worker,
               "adapter": adapter_config(model, args.worker).describe() if adapters else "no adapter",
               "greedy_step_bytes": step_bytes(model, greedy=True)}
@@ -61,9 +61,9 @@ def worker(args: argparse.Namespace) -> None:
         decode, end_to_end = [], []
         for run in range(args.runs + 1):  # the first run warms up
             if beams == 1:
-                r = generate(model, [prompt], NEW_TOKENS, eos_ids=[])
+                r = generate(model, [prompt], NEW_TOKENS, eos_ids=[], decoder=decoder)
             else:
-                r = beam_search(model, [prompt], NEW_TOKENS, eos_ids=[], num_beams=beams)
+                r = beam_search(model, [prompt], NEW_TOKENS, eos_ids=[], num_beams=beams, decoder=decoder)
             if run:
                 decode.append(r.decode_steps / r.decode_seconds)
                 end_to_end.append(NEW_TOKENS / (r.prefill_seconds + r.decode_seconds))

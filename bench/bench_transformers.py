@@ -54,13 +54,13 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ours(model, prompts: list[list[int]], beams: int) -> dict:
+def ours(decoder, prompts: list[list[int]], beams: int) -> dict:
     from para.generation import beam_search, generate
     start = time.perf_counter()
     if beams == 1:
-        result = generate(model, prompts, NEW_TOKENS, eos_ids=[])
+        result = generate(decoder.model, prompts, NEW_TOKENS, eos_ids=[], decoder=decoder)
     else:
-        result = beam_search(model, prompts, NEW_TOKENS, eos_ids=[], num_beams=beams)
+        result = beam_search(decoder.model, prompts, NEW_TOKENS, eos_ids=[], num_beams=beams, decoder=decoder)
     return {"seconds": time.perf_counter() - start, "tokens": result.tokens}
 
 
@@ -91,17 +91,16 @@ def main() -> None:
     else:
         folder = model_dir(args.model)
         words = para.load(folder, "cpu", "float32")[1].encode(TEXT * 40, add_special_tokens=False)
-    model = para.load_model(folder, args.device, "float32")
-    if args.compile:
-        model.compile_step()
+    from para.fast import FastDecoder
+    decoder = FastDecoder(para.load_model(folder, args.device, "float32"), compile=args.compile)
     times = {case: {"para": [], "transformers": []} for case in CASES}
     for case, (batch, beams) in CASES.items():   # warm up ours, as the worker warms up its own
-        ours(model, [words[:PROMPT_TOKENS]] * batch, beams)
+        ours(decoder, [words[:PROMPT_TOKENS]] * batch, beams)
     version, differ = None, []
     for _ in range(args.runs):
         for case, (batch, beams) in CASES.items():
             prompts = [words[7 * i:7 * i + PROMPT_TOKENS] for i in range(batch)]   # different prompts, same length
-            mine = ours(model, prompts, beams)
+            mine = ours(decoder, prompts, beams)
             request = json.dumps({"model_dir": str(folder), "prompts": prompts, "beams": beams, "device": args.device})
             out = subprocess.run([args.hf_python, __file__, "--worker", request], capture_output=True, text=True)
             if out.returncode != 0:

@@ -11,7 +11,9 @@ from para.errors import CheckpointError, UserError
 from para.generation import Sampling, beam_search, generate
 from para.loading import model_dir
 from para.loading import load_model
-from para.model import KVCache, Transformer
+from para.cache import KVCache
+from para.fast import FastDecoder
+from para.model import Transformer
 
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
@@ -23,5 +25,5 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     return load_model(folder, device, dtype), Tokenizer.from_dir(folder)
 
 
-__all__ = ["load", "load_model", "ModelConfig", "Transformer", "KVCache", "Sampling", "generate",
+__all__ = ["load", "load_model", "ModelConfig", "Transformer", "KVCache", "FastDecoder", "Sampling", "generate",
            "beam_search", "CheckpointError", "UserError"]

@@ -72,7 +72,7 @@ class AdapterConfig:
 
 
 def default_pool(config: ModelConfig) -> str:
-    """Where PARA pools unless told, measured per family (README): the raw block input on LLaMA
+    """Where PARA pools unless told, measured per family (docs/design.md): the raw block input on LLaMA
     (SmolLM2); its normalised form on Gemma, whose residual stream, scaled by sqrt(d_model) at
     the embedding and never normalised, would reach the generator at a scale of hundreds."""
     return "norm" if config.is_gemma else "input"

@@ -9,8 +9,8 @@ that they exist.
   with A random and B zero at start.
 
 Like PARA's generator, each wrapper holds n adapters side by side (a bank), and row i of a
-batch uses slot which[i]. The wrappers of a model share one RowSelection, which a forward
-pre-hook on every block sets from the batch's AdapterRows: that is how they learn `which`.
+batch uses slot which[i]. A wrapper sees only its projection's input, so it reads `which` from
+the model's RowSlots (para/cache.py), which the model sets at the start of every pass.
 """
 
 from __future__ import annotations
@@ -18,19 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from para.cache import RowSlots
+
 # A block's projections by the short names adapters use, and where each lives in the block.
 SITES = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
          "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 IA3_SITES = ("k", "v", "down")   # (IA)^3 as published
 SCALED_ON_INPUT = ("down",)      # (IA)^3 scales the input of down: the FFN's intermediate activation
-
-
-class RowSelection:
-    """Which slot of the banks each row of the running batch uses (None: slot 0 for all)."""
-
-    def __init__(self):
-        self.which: torch.Tensor | None = None
-        self.hooks: list = []    # the blocks' pre-hooks that set `which`, removed on detach
 
 
 def plain(module: nn.Module) -> nn.Linear:
@@ -46,15 +40,15 @@ def pick(bank: torch.Tensor, which: torch.Tensor | None) -> torch.Tensor:
 
 
 class IA3Linear(nn.Module):
-    def __init__(self, base: nn.Linear, n: int, selection: RowSelection, on_input: bool):
+    def __init__(self, base: nn.Linear, n: int, slots: RowSlots, on_input: bool):
         super().__init__()
-        self.base, self.selection, self.on_input = base, selection, on_input
+        self.base, self.slots, self.on_input = base, slots, on_input
         linear = plain(base)
         width = linear.in_features if on_input else linear.out_features
         self.ia3 = nn.Parameter(torch.ones(n, width, device=linear.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        which = self.selection.which
+        which = self.slots.which
         scale = pick(self.ia3, which).to(x.dtype)
         scale = scale if which is None else scale[:, None]   # (width,) or (B, 1, width)
         return self.base(x * scale) if self.on_input else self.base(x) * scale
@@ -65,9 +59,9 @@ class IA3Linear(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, n: int, selection: RowSelection, scale: float):
+    def __init__(self, base: nn.Linear, rank: int, n: int, slots: RowSlots, scale: float):
         super().__init__()
-        self.base, self.selection = base, selection
+        self.base, self.slots = base, slots
         linear = plain(base)
         fan_in, device = linear.in_features, linear.weight.device
         # A like nn.Linear's default init (uniform, 1/sqrt(fan_in)), B zero: the update starts at 0.
@@ -76,7 +70,7 @@ class LoRALinear(nn.Module):
         self.register_buffer("scale", torch.full((n,), float(scale), device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        which = self.selection.which
+        which = self.slots.which
         a, b = pick(self.lora_a, which), pick(self.lora_b, which)
         xa = x.to(a.dtype)
         if which is None:  # the whole batch uses slot 0
@@ -98,18 +92,16 @@ class LoRALinear(nn.Module):
 
 def attach_ia3(model: nn.Module, sites: tuple[str, ...], n: int = 1) -> None:
     """Wrap each block's `sites` projections with (IA)^3 vectors of n slots."""
-    selection = _selection(model)
     for block in model.layers:
         for site in sites:
-            _wrap(block, site, lambda base: IA3Linear(base, n, selection, on_input=site in SCALED_ON_INPUT))
+            _wrap(block, site, lambda base: IA3Linear(base, n, model.row_slots, on_input=site in SCALED_ON_INPUT))
 
 
 def attach_lora(model: nn.Module, sites: tuple[str, ...], rank: int, n: int = 1, scale: float = 1.0) -> None:
     """Wrap each block's `sites` projections with unmerged LoRA updates of n slots."""
-    selection = _selection(model)
     for block in model.layers:
         for site in sites:
-            _wrap(block, site, lambda base: LoRALinear(base, rank, n, selection, scale))
+            _wrap(block, site, lambda base: LoRALinear(base, rank, n, model.row_slots, scale))
 
 
 def wrapper(block: nn.Module, site: str, kind: type) -> nn.Module | None:
@@ -127,8 +119,6 @@ def detach(model: nn.Module) -> None:
             parent_path, _, name = path.rpartition(".")
             parent, module = block.get_submodule(parent_path), block.get_submodule(path)
             if not isinstance(module, nn.Linear):
-                for hook in module.selection.hooks:
-                    hook.remove()
                 setattr(parent, name, plain(module))
 
 
@@ -137,18 +127,3 @@ def _wrap(block: nn.Module, site: str, make) -> None:
     parent = block.get_submodule(parent_path)
     setattr(parent, name, make(getattr(parent, name)))
 
-
-def _selection(model: nn.Module) -> RowSelection:
-    """The model's shared RowSelection: an existing wrapper's, or a new one with its hooks."""
-    block = model.layers[0]
-    for path in SITES.values():
-        module = block.get_submodule(path)
-        if not isinstance(module, nn.Linear):
-            return module.selection
-    selection = RowSelection()
-
-    def select_rows(block, args, kwargs):  # Block.forward takes the batch's AdapterRows as `rows`
-        selection.which = kwargs["rows"].which
-
-    selection.hooks = [b.register_forward_pre_hook(select_rows, with_kwargs=True) for b in model.layers]
-    return selection

@@ -1,6 +1,7 @@
 """Text generation as small functions: pad a batch, prefill the KV cache once, then decode one
 token per step. Sampling lives here, outside the model. Beam search reorders the cache rows
-instead of recomputing them."""
+instead of recomputing them. Each step runs through a decoder (para/fast.py's FastDecoder: eager
+by default, compiled where the caller made it so)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Callable
 
 import torch
 
-from para.model import KVCache, Transformer
+from para.cache import KVCache
+from para.fast import FastDecoder
+from para.model import Transformer
 
 
 @dataclass
@@ -75,17 +78,18 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
 
 
 def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0,
-            which: list[int] | None = None) -> tuple[KVCache, torch.Tensor]:
+            which: list[int] | None = None, decoder: FastDecoder | None = None) -> tuple[KVCache, torch.Tensor]:
     """Run the prompts through the model once; return the filled cache and the last logits (B, V).
     which[i] picks prompt i's adapter when a bank of several is installed (0 = base model).
     Left padding puts every prompt's end at the last position: PARA's vectors are made there,
-    once, and kept in the cache."""
+    once, and kept in the cache. The cache comes from `decoder` where given (a compiled one
+    makes caches of the sizes it compiled for)."""
     ids, mask = left_pad(prompts, pad_id, model.device)
     rows = None if which is None else torch.tensor(which, device=model.device)
-    cache = model.new_cache(len(prompts), ids.shape[1] + max_new_tokens, which=rows)
+    cache = (decoder or model).new_cache(len(prompts), ids.shape[1] + max_new_tokens, which=rows)
     prompt_end = torch.full((len(prompts),), ids.shape[1] - 1, device=model.device)
-    logits = model(ids, attention_mask=mask, cache=cache, prompt_end=prompt_end, last_only=True)
-    return cache, logits[:, -1]
+    hidden = model.hidden(ids, attention_mask=mask, cache=cache, prompt_end=prompt_end)
+    return cache, model.logits(hidden[:, -1])   # the last position's only: the others are not needed
 
 
 def _sync(device: torch.device) -> float:
@@ -113,18 +117,19 @@ def read_later(tokens: torch.Tensor) -> Callable[[], list[int]]:
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
              sampling: Sampling | None = None, pad_id: int = 0,
              on_token: Callable[[int, int], None] | None = None, which: list[int] | None = None,
-             ahead: bool | None = None) -> Generation:
+             ahead: bool | None = None, decoder: FastDecoder | None = None) -> Generation:
     """Sample up to max_new_tokens for each prompt, stopping a sequence at its first EOS.
     on_token(row, token) is called as each token is produced (for streaming).
     `ahead` (the default on a GPU) queues each step before the tokens it follows are read back,
     so that the host's bookkeeping overlaps the device's work; when every sequence has ended,
-    one step is wasted."""
+    one step is wasted. `decoder` runs the steps (default: FastDecoder(model), eager)."""
     sampling = sampling or Sampling()
+    decoder = decoder or FastDecoder(model)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(model.device).manual_seed(sampling.seed)
     start = _sync(model.device)
-    cache, logits = prefill(model, prompts, max_new_tokens, pad_id, which)
+    cache, logits = prefill(model, prompts, max_new_tokens, pad_id, which, decoder)
     after_prefill = _sync(model.device)
     out: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
@@ -132,9 +137,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     greedy = sampling.temperature < GREEDY_BELOW
 
     def next_tokens(tokens: torch.Tensor) -> torch.Tensor:
-        if greedy:   # the argmax without all the logits (Transformer.greedy_step)
-            return model.greedy_step(tokens, cache)
-        return sample(model.step(tokens, cache), sampling, generator)
+        if greedy:   # the argmax, without all the logits where that is cheaper
+            return decoder.greedy_step(tokens, cache)
+        return sample(decoder.step(tokens, cache), sampling, generator)
 
     tokens, upcoming, steps = sample(logits, sampling, generator), None, 0
     for step in range(max_new_tokens):
@@ -220,11 +225,12 @@ class Beams:
 @torch.inference_mode()
 def beam_search(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
                 num_beams: int, length_penalty: float = 1.0, pad_id: int = 0,
-                which: list[int] | None = None) -> Generation:
+                which: list[int] | None = None, decoder: FastDecoder | None = None) -> Generation:
     """Beam search for each prompt (see Beams); returns the best hypothesis's new tokens."""
     B, K = len(prompts), num_beams
+    decoder = decoder or FastDecoder(model)
     start = _sync(model.device)
-    cache, logits = prefill(model, prompts, max_new_tokens, pad_id, which)
+    cache, logits = prefill(model, prompts, max_new_tokens, pad_id, which, decoder)
     after_prefill = _sync(model.device)
     # Every prompt becomes K copies of its cache row (its adapter and PARA vectors too).
     cache.reorder(torch.arange(B, device=model.device).repeat_interleave(K))
@@ -236,7 +242,7 @@ def beam_search(model: Transformer, prompts: list[list[int]], max_new_tokens: in
         if all(beams.done):
             break
         cache.reorder(torch.tensor(rows, device=model.device))
-        logits = model.step(torch.tensor(tokens, device=model.device), cache)
+        logits = decoder.step(torch.tensor(tokens, device=model.device), cache)
         steps += 1
     end = _sync(model.device)
     return Generation(beams.best(), sum(len(p) for p in prompts), after_prefill - start, end - after_prefill, steps)

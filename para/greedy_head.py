@@ -21,10 +21,11 @@ the token is argmax(W h), up to the order of float32 additions.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from para.model import soft_cap
 
 CANDIDATES = 32
 
@@ -37,10 +38,10 @@ def worthwhile(weight: torch.Tensor) -> bool:
 
 class GreedyHead:
     """h (B, d) -> argmax of cap(W h) (B,), from a bfloat16 copy of W made once. cap is the
-    model's monotonic logit transform (Gemma 2's softcap): it can make near logits equal."""
+    model's logit soft cap (Gemma 2), monotonic but able to make near logits equal. A head keeps
+    no reference to W (see head_for): it is given W at each call."""
 
-    def __init__(self, weight: torch.Tensor, cap: Callable[[torch.Tensor], torch.Tensor]):
-        self.weight, self.version, self.cap = weight, self.version_of(weight), cap
+    def __init__(self, weight: torch.Tensor):
         with torch.no_grad():
             self.low = weight.to(torch.bfloat16)
             # max_j |W_j - W16_j| and max_j max(|W_j|, |W16_j|), a block of rows at a time
@@ -51,16 +52,8 @@ class GreedyHead:
                 self.weight_error = max(self.weight_error, float((rows - low).norm(dim=-1).max()))
                 self.row_norm = max(self.row_norm, float(low.norm(dim=-1).max()), float(rows.norm(dim=-1).max()))
 
-    @staticmethod
-    def version_of(weight: torch.Tensor) -> int | None:
-        return None if weight.is_inference() else weight._version   # inference tensors keep no count
-
-    def is_for(self, weight: torch.Tensor) -> bool:
-        """Still a copy of these weights (not changed in place since, as far as the tensor's
-        version counter tells: not through .data)?"""
-        return weight is self.weight and self.version_of(weight) == self.version
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, weight: torch.Tensor, cap: float | None = None) -> torch.Tensor:
+        capped = (lambda x: soft_cap(x, cap)) if cap else (lambda x: x)              # noqa: E731
         h_low = h.to(torch.bfloat16)
         # a = W16 h16 (B, V); for one row a matrix-vector product, which reads bfloat16 twice as fast
         approx = torch.mv(self.low, h_low[0])[None] if len(h) == 1 else F.linear(h_low, self.low)
@@ -73,10 +66,25 @@ class GreedyHead:
         upper = top[:, -1].float()
         upper = upper + upper.abs() * 2.0 ** -8 + error
         candidates = candidates[:, :-1].sort(-1).values       # ascending ids: ties go to the lowest
-        exact = self.cap(torch.einsum("bkd,bd->bk", self.weight[candidates], h))
+        exact = capped(torch.einsum("bkd,bd->bk", weight[candidates], h))
         best, index = exact.max(-1)
         tokens = candidates.gather(1, index[:, None]).squeeze(1)
-        certain = self.cap(upper) < best   # no other token can reach the best candidate
+        certain = capped(upper) < best   # no other token can reach the best candidate
         if bool(certain.all()):
             return tokens
-        return torch.where(certain, tokens, self.cap(F.linear(h, self.weight)).argmax(-1))
+        return torch.where(certain, tokens, capped(F.linear(h, weight)).argmax(-1))
+
+
+# weight -> (its version when the head was made, the head or None where it does not pay). Keyed
+# weakly: a head goes with its weights.
+_heads = WeakIdKeyDictionary()
+
+
+def head_for(weight: torch.Tensor) -> GreedyHead | None:
+    """The greedy head of these weights, made on first use and again only if they change in place
+    (as far as the tensor's version counter tells: not through .data); None where it does not pay."""
+    version = None if weight.is_inference() else weight._version   # inference tensors keep no count
+    made = _heads.get(weight)
+    if made is None or made[0] != version:
+        made = _heads[weight] = (version, GreedyHead(weight) if worthwhile(weight) else None)
+    return made[1]

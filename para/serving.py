@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from para.generation import GREEDY_BELOW, Sampling, prefill, sample
-from para.model import KVCache, Transformer
+from para.cache import KVCache
+from para.fast import FastDecoder
+from para.model import Transformer
 
 @dataclass
 class Job:
@@ -51,6 +53,7 @@ class Scheduler(threading.Thread):
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 16, max_queue: int = 64):
         super().__init__(name="scheduler", daemon=True)
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.decoder = FastDecoder(model)
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.running: list[Job] = []       # one per row of the cache, in order
         self.admitting: list[Job] = []     # taken from the queue, being prefilled
@@ -102,7 +105,7 @@ class Scheduler(threading.Thread):
         self.leave(keep)
         if keep:
             next_tokens = torch.tensor([tokens[i] for i in keep], device=self.model.device)
-            self.logits = self.model.step(next_tokens, self.cache)
+            self.logits = self.decoder.step(next_tokens, self.cache)
 
     def admit(self) -> None:
         """Prefill the waiting jobs that fit and join them to the running batch."""

@@ -66,9 +66,9 @@ def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
 def loss_sum(model: Transformer, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the response tokens, and their count. Logits are computed only
     where there is a label: the output projection over the whole padded batch would dwarf the rest."""
-    hidden = model.hidden_states(batch.input_ids, prompt_end=batch.prompt_end)  # right padding: causal is enough
+    hidden = model.hidden(batch.input_ids, prompt_end=batch.prompt_end)  # right padding: causal is enough
     targets = batch.labels != IGNORE
-    logits = model.output(hidden[targets])                                      # (N, vocab)
+    logits = model.logits(hidden[targets])                               # (N, vocab)
     return F.cross_entropy(logits.float(), batch.labels[targets], reduction="sum"), int(targets.sum())
 
 

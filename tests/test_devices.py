@@ -6,10 +6,11 @@ import torch
 from checkpoints import TINY_GEMMA3, TINY_LLAMA, write_checkpoint
 from conftest import run
 from para.adapter_files import install_bank, save_adapter
+from para import fast
 from para.adapters import AdapterConfig, add_adapter, is_adapter_parameter
 from para.generation import beam_search, generate, prefill
 from para.loading import load_model
-from para.model import BufferPool
+from para.fast import BufferPool, FastDecoder
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12]]   # different lengths: left padding, masks
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,10 +32,10 @@ def random_adapters(model, tmp_path, n=2):
     return paths
 
 
-def decode_all(model):
+def decode_all(model, decoder=None):
     """Greedy and 3-beam tokens of PROMPTS, base rows and adapter rows mixed in one batch."""
-    mixed = generate(model, PROMPTS * 2, 10, eos_ids=[], which=[0, 1, 2, 0]).tokens
-    beams = beam_search(model, PROMPTS, 10, eos_ids=[], num_beams=3, which=[2, 1]).tokens
+    mixed = generate(model, PROMPTS * 2, 10, eos_ids=[], which=[0, 1, 2, 0], decoder=decoder).tokens
+    beams = beam_search(model, PROMPTS, 10, eos_ids=[], num_beams=3, which=[2, 1], decoder=decoder).tokens
     return mixed, beams
 
 
@@ -45,25 +46,19 @@ def test_compiled_step_decodes_the_same_tokens_and_compiles_once_per_batch_size(
     install_bank(model, random_adapters(model, tmp_path))
     eager = decode_all(model)
     torch._dynamo.reset()
-    model.compile_step()
+    compiled = FastDecoder(model, compile=True)
     torch._dynamo.utils.counters.clear()
-    assert decode_all(model) == eager
+    limit = torch._dynamo.config.cache_size_limit
+    assert decode_all(model, compiled) == eager
     # one graph per batch size, 4 (greedy) and 6 (2 prompts x 3 beams), never one per position
     # (prefills are not compiled)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     # other prompt lengths in the same cache size (BufferPool.size: 64 slots) compile nothing new
     longer = [list(range(3, 30)), list(range(40, 50))]
-    assert generate(model, longer * 2, 10, eos_ids=[]).tokens == generate_eagerly(model, longer * 2)
+    assert generate(model, longer * 2, 10, eos_ids=[], decoder=compiled).tokens == \
+        generate(model, longer * 2, 10, eos_ids=[]).tokens
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
-
-
-def generate_eagerly(model, prompts):
-    compiled, pool = model.compiled_decoding_step, model.cache_pool
-    model.compiled_decoding_step = model.cache_pool = None
-    try:
-        return generate(model, prompts, 10, eos_ids=[]).tokens
-    finally:
-        model.compiled_decoding_step, model.cache_pool = compiled, pool
+    assert torch._dynamo.config.cache_size_limit == limit   # no global setting changed behind the caller's back
 
 
 @pytest.mark.parametrize(("slots", "size"), [(1, 64), (64, 64), (65, 128), (306, 320), (513, 640), (1025, 1280)])
@@ -74,49 +69,55 @@ def test_compiled_cache_sizes_are_few_and_at_most_a_quarter_larger(slots, size):
 def test_a_compiled_model_reuses_a_finished_caches_buffers_never_a_live_ones(tmp_path):
     write_checkpoint(tmp_path / "m", TINY_LLAMA)
     model = load_model(tmp_path / "m", "cpu", "float32")
-    model.compile_step()   # nothing is compiled until a step runs
-    first = model.new_cache(2, 30)
+    decoder = FastDecoder(model, compile=True)   # nothing is compiled until a step runs
+    first = decoder.new_cache(2, 30)
     assert first.max_len == 64
-    second = model.new_cache(2, 40)   # the first is alive: other buffers
+    second = decoder.new_cache(2, 40)   # the first is alive: other buffers
     assert second.k[0].data_ptr() != first.k[0].data_ptr()
     first.k[0].fill_(1.0)
     first.pos = 5
     address = first.k[0].data_ptr()
     del first
-    third = model.new_cache(2, 50)   # the first's buffers, zeroed
+    third = decoder.new_cache(2, 50)   # the first's buffers, zeroed
     assert third.k[0].data_ptr() == address and third.k[0].abs().sum() == 0 and third.pos == 0
-    assert model.new_cache(3, 50).k[0].shape[0] == 3   # another batch size: its own buffers
+    assert decoder.new_cache(3, 50).k[0].shape[0] == 3   # another batch size: its own buffers
     for rows in range(4, 12):   # finished caches of many sizes: only the last few sets are kept
-        model.new_cache(rows, 50)
-    assert len(model.cache_pool.free) == BufferPool.KEEP
+        decoder.new_cache(rows, 50)
+    assert len(decoder.pool.free) == BufferPool.KEEP
     with torch.inference_mode():
-        model.new_cache(20, 50)
-    model.new_cache(20, 50).valid.fill_(True)   # made in inference mode, filled outside it
+        decoder.new_cache(20, 50)
+    decoder.new_cache(20, 50).valid.fill_(True)   # made in inference mode, filled outside it
 
 
 @torch.inference_mode()   # as generate runs
 def test_a_compiled_models_para_vectors_keep_their_addresses(tmp_path):
     """A CUDA graph copies every input not at its recorded address into place at each replay:
-    a compiled model keeps PARA's vectors (3 a layer) in pooled homes, which beam search's
-    reorder fills in place and the next call's cache reuses."""
+    a compiled decoder keeps PARA's vectors (3 a layer) in pooled homes, which each step after a
+    prefill or a reorder fills in place and the next call's cache reuses."""
     write_checkpoint(tmp_path / "m", TINY_LLAMA)
     model = load_model(tmp_path / "m", "cpu", "float32")
     install_bank(model, random_adapters(model, tmp_path))
     expected = prefill(model, PROMPTS, 6, which=[1, 2])[0].rows.vectors   # an eager model's vectors
-    model.compile_step()
-    cache, _ = prefill(model, PROMPTS, 6, which=[1, 2])
+    decoder = FastDecoder(model, compile=True)
+    decoder.compiled = lambda model, tokens, cache: fast.decode_hidden(model, tokens, cache)   # no compiling
+    cache, _ = prefill(model, PROMPTS, 6, which=[1, 2], decoder=decoder)
+    decoder.step(torch.tensor([3, 4]), cache)
+    homes = decoder.homes[cache]
     for layer, vectors in enumerate(cache.rows.vectors):
-        for mine, home, theirs in zip(vectors, cache.rows.homes[layer], expected[layer]):
+        for mine, home, theirs in zip(vectors, homes[layer], expected[layer]):
             assert mine is home
             torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
     addresses = [t.data_ptr() for vectors in cache.rows.vectors for t in vectors]
-    cache.reorder(torch.tensor([1, 0]))   # same batch size: in place
+    cache.reorder(torch.tensor([1, 0]))   # same batch size: the same homes
+    decoder.step(torch.tensor([3, 4]), cache)
     assert [t.data_ptr() for vectors in cache.rows.vectors for t in vectors] == addresses
     torch.testing.assert_close(cache.rows.vectors[0].up, expected[0].up.flip(0), atol=0, rtol=0)
     cache.reorder(torch.tensor([0, 0, 1]))   # a new batch size: other homes, of 3 rows
-    assert cache.rows.vectors[0].q is cache.rows.homes[0].q and len(cache.rows.homes[0].q) == 3
-    del cache
-    again, _ = prefill(model, PROMPTS, 6, which=[1, 2])
+    decoder.step(torch.tensor([3, 4, 5]), cache)
+    assert cache.rows.vectors[0].q is decoder.homes[cache][0].q and len(cache.rows.vectors[0].q) == 3
+    del cache, homes
+    again, _ = prefill(model, PROMPTS, 6, which=[1, 2], decoder=decoder)
+    decoder.step(torch.tensor([3, 4]), again)
     assert [t.data_ptr() for vectors in again.rows.vectors for t in vectors] == addresses
     torch.testing.assert_close(again.rows.vectors[1].v, expected[1].v, atol=0, rtol=0)
 
@@ -127,11 +128,11 @@ def test_a_compiled_step_that_ran_eagerly_keeps_the_cache_position(tmp_path):
     write_checkpoint(tmp_path / "m", TINY_LLAMA)
     model = load_model(tmp_path / "m", "cpu", "float32")
     expected = generate(model, PROMPTS, 6, eos_ids=[]).tokens
-    model.compile_step()
-    model.compiled_decoding_step = model.decoding_step   # what a disabled torch.compile runs
-    assert generate(model, PROMPTS, 6, eos_ids=[]).tokens == expected
-    cache, _ = prefill(model, PROMPTS, 6)
-    model.step(torch.tensor([3, 4]), cache)
+    decoder = FastDecoder(model, compile=True)
+    decoder.compiled = fast.decode_hidden   # what a disabled torch.compile runs
+    assert generate(model, PROMPTS, 6, eos_ids=[], decoder=decoder).tokens == expected
+    cache, _ = prefill(model, PROMPTS, 6, decoder=decoder)
+    decoder.step(torch.tensor([3, 4]), cache)
     assert cache.pos == int(cache.filled) == 8
 
 
@@ -154,25 +155,25 @@ def test_cuda_graph_step_decodes_the_same_tokens(tmp_path):
     model = load_model(tmp_path / "m", "cuda", "float32")
     install_bank(model, random_adapters(model, tmp_path))
     eager = decode_all(model)
-    model.compile_step()   # mode reduce-overhead: the step is replayed as a CUDA graph
-    assert decode_all(model) == eager
+    compiled = FastDecoder(model, compile=True)   # mode reduce-overhead: the step is replayed as a CUDA graph
+    assert decode_all(model, compiled) == eager
     recordings = torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"]
     assert recordings > 0
-    assert decode_all(model) == eager   # replays: the pooled cache buffers keep their addresses
+    assert decode_all(model, compiled) == eager   # replays: the pooled cache buffers keep their addresses
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"] == recordings
 
 
 @cuda
 def test_a_cuda_graph_copies_in_only_the_tokens_not_paras_vectors(tmp_path):
     """Inputs at other addresses than recorded are copied in at every replay; PARA's vectors
-    (3 a layer) are read where they live (AdapterRows.homes), so only the tokens are copied."""
+    (3 a layer) are read where they live (pooled homes, para/fast.py), so only the tokens are copied."""
     write_checkpoint(tmp_path / "m", TINY_LLAMA)
     model = load_model(tmp_path / "m", "cuda", "float32")
     install_bank(model, random_adapters(model, tmp_path, n=1))
     torch._dynamo.reset()
-    model.compile_step()
+    compiled = FastDecoder(model, compile=True)
     torch._dynamo.utils.counters.clear()
-    generate(model, PROMPTS, 6, eos_ids=[], which=[1, 1])   # one batch size: one recording
+    generate(model, PROMPTS, 6, eos_ids=[], which=[1, 1], decoder=compiled)   # one batch size: one recording
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"] == 1
 
 

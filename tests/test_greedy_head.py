@@ -1,20 +1,16 @@
 """The greedy output projection (para/greedy_head.py) picks torch.argmax's token."""
 
+import pytest
 import torch
 
-from para.greedy_head import CANDIDATES, GreedyHead
-
-
-def identity(logits):
-    return logits
+from para.greedy_head import CANDIDATES, GreedyHead, head_for, worthwhile
 
 
 def test_it_picks_the_float32_argmax_for_many_states():
     torch.manual_seed(0)
     weight = torch.randn(3000, 64) / 8
     h = torch.randn(400, 64) * 6
-    head = GreedyHead(weight, identity)
-    assert torch.equal(head(h), (h @ weight.T).argmax(-1))
+    assert torch.equal(GreedyHead(weight)(h, weight), (h @ weight.T).argmax(-1))
 
 
 def test_ties_go_to_the_lowest_id_even_when_the_bound_cannot_decide():
@@ -28,28 +24,36 @@ def test_ties_go_to_the_lowest_id_even_when_the_bound_cannot_decide():
         tied[rows] = weight[best[0]]
         expected = (h @ tied.T).argmax(-1)
         assert expected[0] == min(100, int(best[0]))
-        assert torch.equal(GreedyHead(tied, identity)(h), expected)
+        assert torch.equal(GreedyHead(tied)(h, tied), expected)
 
 
 def test_a_softcap_is_applied_before_the_argmax():
     torch.manual_seed(2)
     weight = torch.randn(200, 16)
     h = torch.randn(5, 16) * 40   # logits far past the cap: tanh makes several equal
-    cap = lambda logits: torch.tanh(logits / 0.5) * 0.5   # noqa: E731
-    assert torch.equal(GreedyHead(weight, cap)(h), cap(h @ weight.T).argmax(-1))
+    capped = torch.tanh(h @ weight.T / 0.5) * 0.5
+    assert torch.equal(GreedyHead(weight)(h, weight, cap=0.5), capped.argmax(-1))
 
 
-def test_a_changed_weight_needs_a_new_copy():
+needs_bf16 = pytest.mark.skipif(not worthwhile(torch.zeros(CANDIDATES + 1, 1)),
+                                reason="the head is made only on a CPU with bfloat16 dot products")
+
+
+@needs_bf16
+def test_a_head_is_made_once_per_weight_and_again_after_an_in_place_change():
     weight = torch.randn(100, 8)
-    head = GreedyHead(weight, identity)
-    assert head.is_for(weight)
+    first = head_for(weight)
+    assert first is not None and head_for(weight) is first
+    assert head_for(weight.clone()) is not first
     weight.mul_(2)
-    assert not head.is_for(weight) and not head.is_for(weight.clone())
+    second = head_for(weight)
+    assert second is not first and torch.equal(second.low, weight.to(torch.bfloat16))
 
 
+@needs_bf16
 def test_weights_made_in_inference_mode_work():
     with torch.inference_mode():
         weight = torch.randn(100, 8)
     h = torch.randn(3, 8)
-    head = GreedyHead(weight, identity)
-    assert head.is_for(weight) and torch.equal(head(h), (h @ weight.T).argmax(-1))
+    head = head_for(weight)
+    assert head is head_for(weight) and torch.equal(head(h, weight), (h @ weight.T).argmax(-1))

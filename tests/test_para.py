@@ -394,7 +394,7 @@ def test_joined_caches_decode_as_each_alone(tmp_path):
         cache, logits = prefill(server, first, 8, which=which_first)
         tokens = [[t] for t in logits.argmax(-1).tolist()]
         for _ in range(3):
-            logits = server.step(torch.tensor([t[-1] for t in tokens]), cache)
+            logits = server(torch.tensor([[t[-1]] for t in tokens]), cache=cache)[:, -1]
             for row, t in zip(tokens, logits.argmax(-1).tolist()):
                 row.append(t)
         cache.reorder(torch.tensor([0]))              # row 1 leaves with 4 tokens
@@ -405,7 +405,7 @@ def test_joined_caches_decode_as_each_alone(tmp_path):
         for row, t in zip(rows[1:], newcomer_logits.argmax(-1).tolist()):
             row.append(t)
         while len(rows[0]) < 8:
-            logits = server.step(torch.tensor([r[-1] for r in rows]), cache)
+            logits = server(torch.tensor([[r[-1]] for r in rows]), cache=cache)[:, -1]
             for row, t in zip(rows, logits.argmax(-1).tolist()):
                 row.append(t)
     assert tokens[1] == alone[1][:4]

@@ -1,0 +1,151 @@
+"""The fast path, kept apart from the model it speeds up (as gpt-fast keeps compilation in its
+generate.py): para/model.py knows nothing of it, and a FastDecoder takes a model from outside.
+
+A FastDecoder is what generation calls to make caches and run decoding steps:
+- greedy steps take the argmax from a bfloat16 copy of the output projection where that reads
+  fewer bytes for the same token (para/greedy_head.py);
+- with compile=True, the decoding step is compiled (torch.compile; on a GPU replayed as a CUDA
+  graph, which removes the launch overhead of a few hundred small kernels per token). A step's
+  shapes never change: the cache is preallocated, and a step writes its slot through a tensor
+  and attends the whole buffer under the validity mask (para/cache.py). So it compiles once per
+  batch size and cache size, never per position. Caches come in a few sizes from a BufferPool
+  that hands a finished cache's buffers to the next one, and PARA's vectors are copied into
+  pooled homes: a CUDA graph then finds every input at the address it recorded.
+Nothing here changes a global torch setting: the one dynamo limit raised is raised around the
+compiled call only.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from para import greedy_head
+from para.cache import KVCache, PromptVectors, new_buffers
+from para.model import Transformer
+
+# Past this many compilations of one function torch.compile runs it eagerly: allow a few batch
+# sizes times a few cache sizes (cache_size_limit is the setting's older name, which newer torch keeps).
+RECOMPILE_LIMIT = 64
+
+
+def decode_hidden(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One decoding step up to the output projection: a token per row (B,) -> final-normed
+    hidden states (B, d_model)."""
+    return model.hidden(tokens[:, None], cache=cache)[:, -1]
+
+
+class BufferPool:
+    """Buffers that a compiled model's caches reuse. A compiled step is specialised to its
+    buffers' sizes (one compilation each) and a CUDA graph to their addresses (one recording
+    each), so caches come in a few sizes (`size`) and a finished cache's buffers go to the next
+    cache of that size. Besides the buffers of live caches the pool keeps the KEEP sets returned
+    last, so that a run through many sizes does not hold a set for each."""
+
+    KEEP = 4
+
+    def __init__(self):
+        self.free: list[tuple[tuple, list[torch.Tensor]]] = []   # (key, buffers), oldest first
+
+    @staticmethod
+    def size(slots: int) -> int:
+        """slots rounded up to a multiple of 64, or above 256 slots of an eighth of the next
+        power of two: at most a quarter more there, four sizes per doubling."""
+        step = max(64, (1 << (slots - 1).bit_length()) // 8)
+        return -(-slots // step) * step
+
+    def take(self, owner: object, key: tuple, allocate) -> list[torch.Tensor]:
+        """A free set of buffers under `key` (or allocate() new ones); they come back to the
+        pool when `owner` is garbage-collected."""
+        for i in reversed(range(len(self.free))):
+            if self.free[i][0] == key:
+                buffers = self.free.pop(i)[1]
+                break
+        else:
+            with torch.inference_mode(False):   # ordinary tensors: a later cache may fill them outside inference mode
+                buffers = allocate()
+        weakref.finalize(owner, self.give_back, key, buffers)
+        return buffers
+
+    def give_back(self, key: tuple, buffers: list[torch.Tensor]) -> None:
+        self.free.append((key, buffers))
+        del self.free[:-self.KEEP]
+
+
+class FastDecoder:
+    """Caches and decoding steps for `model`: new_cache, step (-> logits) and greedy_step
+    (-> tokens). Eager unless compile=True."""
+
+    def __init__(self, model: Transformer, compile: bool = False):
+        self.model = model
+        self.pool = BufferPool() if compile else None
+        self.homes: weakref.WeakKeyDictionary[KVCache, list[PromptVectors]] = weakref.WeakKeyDictionary()
+        self.compiled = None
+        if compile:
+            if model.device.type == "cuda":
+                mode, options = "reduce-overhead", None
+            else:   # C++ calls the kernels instead of Python: a step 1.5 ms faster, a compilation 45 s longer
+                mode, options = None, {"cpp_wrapper": True}
+            self.compiled = torch.compile(decode_hidden, fullgraph=True, dynamic=False, mode=mode, options=options)
+
+    def new_cache(self, batch_size: int, max_len: int, which: torch.Tensor | None = None) -> KVCache:
+        """An empty cache for at least max_len slots (see Transformer.new_cache); compiled, from the pool."""
+        if self.pool is None:
+            return self.model.new_cache(batch_size, max_len, which)
+        return KVCache(self.model.config, batch_size, BufferPool.size(max_len), self.model.device,
+                       self.model.dtype, which, allocate=self.take_buffers)
+
+    def take_buffers(self, cache: KVCache, batch_size: int, max_len: int) -> list[torch.Tensor]:
+        """A cache's buffers from the pool, with homes for PARA's vectors when the model has PARA."""
+        config, device, dtype = cache.config, cache.device, cache.dtype
+        para = any(block.vg is not None for block in self.model.layers)
+        widths = (config.q_width, config.kv_width, config.intermediate_size) if para else ()
+
+        def allocate() -> list[torch.Tensor]:
+            homes = [torch.empty(batch_size, 1, width, device=device, dtype=dtype)
+                     for _ in range(config.num_layers) for width in widths]
+            return new_buffers(config, batch_size, max_len, device, dtype) + homes
+
+        buffers = self.pool.take(cache, (batch_size, max_len, device, dtype, para), allocate)
+        if device.type == "cuda":   # tell torch.compile these keep their addresses: a CUDA graph writes them in place
+            for buffer in buffers:
+                torch._dynamo.mark_static_address(buffer)
+        kv, homes = buffers[:2 * config.num_layers + 3], buffers[2 * config.num_layers + 3:]
+        self.homes[cache] = [PromptVectors(*homes[i:i + 3]) for i in range(0, len(homes), 3)]
+        return kv
+
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step: a token per row (B,) -> the next logits (B, vocab)."""
+        return self.model.logits(self.hidden(tokens, cache))
+
+    def greedy_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One greedy decoding step: a token per row (B,) -> the argmax of step's logits (B,)."""
+        h = self.hidden(tokens, cache)
+        weight = self.model.output_weight
+        head = greedy_head.head_for(weight)
+        if head is None:
+            return self.model.logits(h).argmax(-1)
+        return head(h, weight, self.model.config.final_logit_softcapping)
+
+    def hidden(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """decode_hidden, compiled where asked."""
+        if self.compiled is None:
+            return decode_hidden(self.model, tokens, cache)
+        self.move_vectors_home(cache)
+        start = cache.check_room(1)   # here: a compiled step reads no Python position
+        torch.compiler.cudagraph_mark_step_begin()   # the last step's outputs are no longer read
+        with torch._dynamo.config.patch(cache_size_limit=max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)):
+            h = self.compiled(self.model, tokens, cache).clone()   # a CUDA graph's next replay overwrites its output
+        cache.pos = start + 1   # (set, not added: where torch.compile is disabled the step ran eagerly and set it)
+        return h
+
+    def move_vectors_home(self, cache: KVCache) -> None:
+        """PARA's vectors into the cache's pooled homes, where a prefill or a reorder made new
+        ones: a CUDA graph reads them in place instead of copying 3 inputs a layer each step."""
+        vectors = cache.rows.vectors
+        for layer, home in enumerate(self.homes.get(cache, ())):
+            if vectors[layer] is not None and vectors[layer].q is not home.q:
+                for mine, new in zip(home, vectors[layer]):
+                    mine.copy_(new)
+                vectors[layer] = home
