@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install weights demo test check-install bench bench-methods bench-quality bench-serve clean
+.PHONY: install weights demo test test-fast check-install bench bench-methods bench-quality bench-serve clean
 
 install: $(STAMP)  ## create .venv with the pinned packages and this repo installed editable
 
@@ -34,10 +34,13 @@ demo: weights  ## answer a question, then PARA-train on data/demo_*.jsonl and sc
 	sed 's#runs/demo/#$(DEMO)/#' data/demo_requests.jsonl > $(DEMO)/requests.jsonl
 	$(PY) generate.py --model $(MODEL) $(CHAT) --max-new-tokens 8 --requests $(DEMO)/requests.jsonl
 
-test: install  ## run the offline test suite
+test: install  ## run the offline test suite (all of it, as CI does)
 	$(PY) -m pytest -q
 
-check-install:  ## pip install . (not editable) in a scratch venv: fetch the default model and generate from outside the checkout
+test-fast: install  ## the quick tier for an edit-test loop (under a minute on 2 cores): the suite less tests marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+check-install:  ## pip install . (not editable) in a scratch venv: no top-level train/generate/serve modules; fetch the default model and generate from outside the checkout
 	bash tests/check_install.sh
 
 bench: weights  ## prefill/decode speed of the default model on this machine

@@ -25,6 +25,8 @@ from para.errors import UserError
 from para.loading import load_model
 from tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow   # train.py and generate.py in subprocesses, killed and resumed: not in `make test-fast`
+
 
 def run_unchecked(script, *args):
     return run(script, *args, check=False, timeout=120)

@@ -10,6 +10,8 @@ import torch
 
 from conftest import run, user_error
 
+pytestmark = pytest.mark.slow   # train.py and generate.py in subprocesses: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):

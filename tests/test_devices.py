@@ -12,6 +12,8 @@ from para.generation import beam_search, generate, prefill
 from para.loading import load_model
 from para.fast import BufferPool, FastDecoder
 
+pytestmark = pytest.mark.slow   # compiles the decoding step: not in `make test-fast`
+
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12]]   # different lengths: left padding, masks
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

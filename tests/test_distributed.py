@@ -12,6 +12,8 @@ import torch
 from checkpoints import write_model_with_tokenizer
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow   # train.py under torchrun: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

