@@ -104,9 +104,9 @@ class KVCache:
     `valid` (B, max_len) marks the slots that hold real tokens and `lengths` (B,) counts them:
     each sequence's next rotary position. `pos` (a Python int) is the number of slots filled,
     the same for every row; `filled` is the same number as a tensor. A decoding step (one
-    token a row) names its slot by `filled` and attends the whole buffer under `valid`: it reads
-    no Python number that changes, so compiled (para/fast.py) it compiles once, not once per
-    position. Longer passes (prefills) write and attend the slots up to theirs.
+    token a row) names its slot by `filled`, and compiled (para/fast.py) attends the whole
+    buffer under `valid`: it reads no Python number that changes, so it compiles once, not once
+    per position. Longer passes (prefills) write and attend the slots up to theirs.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
@@ -140,16 +140,21 @@ class KVCache:
 
     def append(self, T: int, attention_mask: torch.Tensor | None) -> Span:
         """Take the next T slots for new tokens (attention_mask (B, T) is False on padding)."""
-        if T == 1 and attention_mask is None:   # a decoding step: tensors only
-            if not torch.compiler.is_compiling():   # compiled, the caller checks and counts (para/fast.py)
+        if T == 1 and attention_mask is None:   # a decoding step: its slot named by a tensor
+            compiled = torch.compiler.is_compiling()
+            if not compiled:   # compiled, the caller checks and counts (para/fast.py)
                 self.check_room(1)
                 self.pos += 1
             positions = self.lengths[:, None].clone()
             self.valid.index_fill_(1, self.filled, True)
             self.lengths += 1
             self.filled += 1
-            self.width = self.max_len
-            return Span(positions, self.filled - 1, self.valid, causal=False)
+            # Compiled, a step attends the whole buffer under `valid`, so that its shapes never
+            # change. Eager, it attends only the slots written, with no mask where no row has
+            # padding: the whole buffer under a mask measured 10-24% slower a step at batch 8.
+            self.width = self.max_len if compiled else self.pos
+            causal = not compiled and not self.has_padding
+            return Span(positions, self.filled - 1, self.valid[:, :self.width], causal)
         start = self.check_room(T)
         if attention_mask is None:
             attention_mask = torch.ones(len(self.lengths), T, dtype=torch.bool, device=self.device)

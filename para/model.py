@@ -303,7 +303,10 @@ class Transformer(nn.Module):
             raise ValueError("a cache carries its rows' adapters: pass which to new_cache, not to forward")
         rows = cache.rows if cache is not None else AdapterRows(self.config.num_layers, which)
         self.row_slots.rows = rows
-        span = whole_sequence(input_ids, attention_mask) if cache is None else cache.append(input_ids.shape[1], attention_mask)
+        if cache is None:
+            span = whole_sequence(input_ids, attention_mask)
+        else:
+            span = cache.append(input_ids.shape[1], attention_mask)
         x = self.embed_tokens(input_ids)  # (B, T, d_model)
         ropes = {"full_attention": self.rope, "sliding_attention": self.rope_local}
         context = {kind: (ropes[kind](span.positions, x.dtype), mask) for kind, mask in self.masks(span).items()}
