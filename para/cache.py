@@ -114,7 +114,7 @@ class KVCache:
                  allocate: Callable[[KVCache, int, int], list[torch.Tensor]] | None = None):
         self.config, self.device, self.dtype = config, torch.device(device), dtype
         # allocate(cache, batch_size, max_len) -> new_buffers' list; para/fast.py's reuses buffers
-        self.allocate = allocate or (lambda cache, rows, slots: new_buffers(config, rows, slots, cache.device, dtype))
+        self.allocate = allocate or (lambda cache, batch, slots: new_buffers(config, batch, slots, cache.device, dtype))
         self.rows = AdapterRows(config.num_layers, which)
         self.use_buffers(batch_size, max_len)
         self.pos = 0                # slots filled so far

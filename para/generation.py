@@ -84,6 +84,8 @@ def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, p
     Left padding puts every prompt's end at the last position: PARA's vectors are made there,
     once, and kept in the cache. The cache comes from `decoder` where given (a compiled one
     makes caches of the sizes it compiled for)."""
+    if decoder is not None and decoder.model is not model:
+        raise ValueError("the decoder was made for another model")
     ids, mask = left_pad(prompts, pad_id, model.device)
     rows = None if which is None else torch.tensor(which, device=model.device)
     cache = (decoder or model).new_cache(len(prompts), ids.shape[1] + max_new_tokens, which=rows)

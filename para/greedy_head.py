@@ -53,7 +53,6 @@ class GreedyHead:
                 self.row_norm = max(self.row_norm, float(low.norm(dim=-1).max()), float(rows.norm(dim=-1).max()))
 
     def __call__(self, h: torch.Tensor, weight: torch.Tensor, cap: float | None = None) -> torch.Tensor:
-        capped = (lambda x: soft_cap(x, cap)) if cap else (lambda x: x)              # noqa: E731
         h_low = h.to(torch.bfloat16)
         # a = W16 h16 (B, V); for one row a matrix-vector product, which reads bfloat16 twice as fast
         approx = torch.mv(self.low, h_low[0])[None] if len(h) == 1 else F.linear(h_low, self.low)
@@ -66,13 +65,13 @@ class GreedyHead:
         upper = top[:, -1].float()
         upper = upper + upper.abs() * 2.0 ** -8 + error
         candidates = candidates[:, :-1].sort(-1).values       # ascending ids: ties go to the lowest
-        exact = capped(torch.einsum("bkd,bd->bk", weight[candidates], h))
+        exact = soft_cap(torch.einsum("bkd,bd->bk", weight[candidates], h), cap)
         best, index = exact.max(-1)
         tokens = candidates.gather(1, index[:, None]).squeeze(1)
-        certain = capped(upper) < best   # no other token can reach the best candidate
+        certain = soft_cap(upper, cap) < best   # no other token can reach the best candidate
         if bool(certain.all()):
             return tokens
-        return torch.where(certain, tokens, capped(F.linear(h, weight)).argmax(-1))
+        return torch.where(certain, tokens, soft_cap(F.linear(h, weight), cap).argmax(-1))
 
 
 # weight -> (its version when the head was made, the head or None where it does not pay). Keyed

@@ -150,9 +150,10 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
-def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """Gemma 2's soft cap: x -> cap * tanh(x / cap), smooth and monotonic, never past +-cap."""
-    return torch.tanh(x / cap) * cap
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's soft cap: x -> cap * tanh(x / cap), smooth and monotonic, never past +-cap
+    (x itself where there is no cap)."""
+    return torch.tanh(x / cap) * cap if cap else x
 
 
 class MLP(nn.Module):
@@ -302,7 +303,6 @@ class Transformer(nn.Module):
         if cache is not None and which is not None:
             raise ValueError("a cache carries its rows' adapters: pass which to new_cache, not to forward")
         rows = cache.rows if cache is not None else AdapterRows(self.config.num_layers, which)
-        self.row_slots.rows = rows
         if cache is None:
             span = whole_sequence(input_ids, attention_mask)
         else:
@@ -310,11 +310,17 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, d_model)
         ropes = {"full_attention": self.rope, "sliding_attention": self.rope_local}
         context = {kind: (ropes[kind](span.positions, x.dtype), mask) for kind, mask in self.masks(span).items()}
+
+        def run(block: Block, x: torch.Tensor) -> torch.Tensor:
+            self.row_slots.rows = rows   # here, so that a block recomputed in backward sees its pass's rows
+            return block(x, context, cache, rows, prompt_end)
+
         for block in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():  # recompute activations in backward
-                x = checkpoint(block, x, context, cache, rows, prompt_end, use_reentrant=False)
+                x = checkpoint(run, block, x, use_reentrant=False)
             else:
-                x = block(x, context, cache, rows, prompt_end)
+                x = run(block, x)
+        self.row_slots.rows = None
         return self.norm(x)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -325,9 +331,7 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., d_model) -> logits (..., vocab)."""
-        logits = F.linear(h, self.output_weight)
-        cap = self.config.final_logit_softcapping
-        return soft_cap(logits, cap) if cap else logits   # Gemma 2
+        return soft_cap(F.linear(h, self.output_weight), self.config.final_logit_softcapping)   # Gemma 2
 
     def masks(self, span: Span) -> dict[str, torch.Tensor | None]:
         """The boolean attention mask (B, 1, T, L) of each kind of layer the model has: None where

@@ -121,7 +121,7 @@ class Scheduler(threading.Thread):
         if newcomers:
             cache, logits = prefill(self.model, [job.prompt for job in newcomers],
                                     max(job.max_tokens for job in newcomers), self.pad_id,
-                                    which=[job.slot for job in newcomers])
+                                    which=[job.slot for job in newcomers], decoder=self.decoder)
             if self.running:
                 room = max(job.max_tokens - len(job.tokens) for job in self.running + newcomers)
                 cache = self.cache.join(cache, max_len=max(self.cache.pos, cache.pos) + room)

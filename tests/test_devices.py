@@ -12,8 +12,6 @@ from para.generation import beam_search, generate, prefill
 from para.loading import load_model
 from para.fast import BufferPool, FastDecoder
 
-pytestmark = pytest.mark.slow   # compiles the decoding step: not in `make test-fast`
-
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12]]   # different lengths: left padding, masks
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -41,6 +39,7 @@ def decode_all(model, decoder=None):
     return mixed, beams
 
 
+@pytest.mark.slow   # compiles the decoding step: not in `make test-fast`
 @pytest.mark.parametrize("cfg", [TINY_LLAMA, TINY_GEMMA3], ids=["llama", "gemma3"])
 def test_compiled_step_decodes_the_same_tokens_and_compiles_once_per_batch_size(tmp_path, cfg):
     write_checkpoint(tmp_path / "m", cfg)
