@@ -8,7 +8,7 @@ import torch
 from checkpoints import TINY_GEMMA, TINY_LLAMA, write_checkpoint
 from reference import reference_logits
 from para.adapters import AdapterConfig, add_adapter, adapter_state, remove_adapters
-from para.baselines import SITES
+from para.baselines import SITES, attach_lora
 from para.loading import load_model
 
 HF = {site: "model.layers.{i}." + path.replace("attn.", "self_attn.") for site, path in SITES.items()}
@@ -73,3 +73,29 @@ def test_removing_the_baselines_restores_the_plain_model(tmp_path):
         assert [n for n, _ in model.named_parameters()] == names
         assert all(not block._forward_pre_hooks for block in model.layers)
         assert torch.equal(model(ids), base)
+
+
+def test_a_block_recomputed_in_backward_uses_its_own_pass_rows(tmp_path):
+    """With gradient checkpointing a block runs again in backward: its wrappers must read the
+    slots of the pass being differentiated, not of a pass run in between."""
+    write_checkpoint(tmp_path, TINY_LLAMA)
+    model = load_model(tmp_path, device="cpu")
+    attach_lora(model, ("q", "down"), rank=2, n=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".lora_b"):
+                p.normal_()
+    model.grad_checkpointing = True
+    ids, which = torch.randint(0, 96, (2, 7)), torch.tensor([1, 0])
+
+    def gradients(between: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss = model(ids, which=which).square().mean()
+        if between:   # another batch, of another size and other slots
+            with torch.no_grad():
+                model(torch.randint(0, 96, (3, 5)), which=torch.tensor([0, 0, 1]))
+        loss.backward()
+        return [p.grad.clone() for name, p in model.named_parameters() if ".lora_" in name]
+
+    for alone, interleaved in zip(gradients(between=False), gradients(between=True)):
+        torch.testing.assert_close(interleaved, alone, atol=0, rtol=0)
