@@ -16,7 +16,7 @@ from pathlib import Path
 
 import para
 from para.adapter_files import adapter_training, install_bank, load_adapter
-from para.cli import COUNT, SEED, add_model_args, bounded, run_cli
+from para.cli import COUNT, SEED, add_model_args, add_quantize_arg, bounded, run_cli
 from para.data import prompt_and_response
 from para.errors import UserError
 from para.fast import FastDecoder
@@ -37,6 +37,7 @@ class Request:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
+    add_quantize_arg(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts", type=Path, help='JSONL file, one {"prompt": ...} object per line')
     parser.add_argument("--adapter", type=Path, help="an adapter file (from train.py) for every prompt that names "
@@ -154,7 +155,7 @@ def main() -> None:
     args = parse_args()
     requests = read_requests(args)
     model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
-    decoder = FastDecoder(model, compile=args.compile)
+    decoder = FastDecoder(model, compile=args.compile, quantize=args.quantize)
     which = install_adapters(model, requests, args.chat)
     context = model.config.max_position_embeddings
     as_json = args.json or args.requests is not None

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import para
 from para.adapter_files import install_bank
-from para.cli import COUNT, add_model_args, run_cli
+from para.cli import COUNT, add_model_args, add_quantize_arg, run_cli
 from para.errors import UserError
 from para.files import is_text
 from para.generation import Sampling
@@ -305,6 +305,7 @@ class Handler(BaseHTTPRequestHandler):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
+    add_quantize_arg(parser)
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="serve an adapter file from train.py as model NAME (repeatable)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -333,7 +334,7 @@ def main() -> None:
     model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
     if adapters:
         install_bank(model, list(adapters.values()))   # slot i + 1 is the i-th adapter
-    scheduler = Scheduler(model, tokenizer, args.max_batch, args.max_queue)
+    scheduler = Scheduler(model, tokenizer, args.max_batch, args.max_queue, quantize=args.quantize)
     slots = {"base": 0, **{name: i + 1 for i, name in enumerate(adapters)}}
     handler = type("BoundHandler", (Handler,), {"service": Service(scheduler, tokenizer, slots,
                                                                    model.config.max_position_embeddings)})

@@ -4,7 +4,7 @@ memory-read bound (every weight byte is read once per decoding step, at the rate
 1 GiB reads memory; a greedy step reads the output projection's bfloat16 copy on a CPU).
 
     python bench/bench_decode.py [--model DIR | --shape NAME] [--device cpu|cuda] [--dtype ...] [--runs 3]
-                                 [--compile]
+                                 [--compile] [--quantize int8]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from para.cli import add_model_args, run_cli
+from para.cli import add_model_args, add_quantize_arg, run_cli
 from para.fast import FastDecoder
 from para.generation import beam_search, generate
 
@@ -23,13 +23,14 @@ from shapes import add_shape_arg
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
+    add_quantize_arg(parser)
     add_shape_arg(parser)
     parser.add_argument("--compile", action="store_true", help="compile the decoding step (CUDA graphs on a GPU)")
     parser.add_argument("--runs", type=int, default=3, help="repetitions; the median is reported")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     model, _, ids = load_with_prompt(args)
-    decoder = FastDecoder(model, compile=args.compile)
+    decoder = FastDecoder(model, compile=args.compile, quantize=args.quantize)
     weight_bytes = step_bytes(model, greedy=False)
     bandwidth = read_bandwidth(model.device)
     print(f"{device_name(model.device)}, dtype {model.dtype}, {'compiled step' if args.compile else 'eager'}, "

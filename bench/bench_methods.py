@@ -29,7 +29,7 @@ import time
 import torch
 
 from para.adapter_files import install_bank, load_adapter
-from para.cli import add_model_args, run_cli
+from para.cli import add_model_args, add_quantize_arg, run_cli
 from para.fast import FastDecoder
 from para.generation import beam_search, generate
 from para.loading import model_dir, resolve_device
@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     adapters = [make_adapter(model, args.worker, seed) for seed in range(8)] if args.worker != "base" else []
     if adapters:
         load_adapter(model, adapters[0])
-    decoder = FastDecoder(model, compile=args.compile)
+    decoder = FastDecoder(model, compile=args.compile, quantize=args.quantize)
     result = {"method": args.worker,
               "adapter": adapter_config(model, args.worker).describe() if adapters else "no adapter",
               "greedy_step_bytes": step_bytes(model, greedy=True)}
@@ -100,6 +100,7 @@ def median_spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
+    add_quantize_arg(parser)
     add_shape_arg(parser)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per setting (median and half-range shown)")
     parser.add_argument("--compile", action="store_true", help="compile the decoding step (CUDA graphs on a GPU)")
@@ -112,7 +113,7 @@ def main() -> None:
         return worker(args)
     if not args.shape:
         model_dir(args.model)  # fetch the default model once, before the workers start
-    passed = [a for flag in ("model", "device", "dtype", "shape") if getattr(args, flag)
+    passed = [a for flag in ("model", "device", "dtype", "shape", "quantize") if getattr(args, flag)
               for a in (f"--{flag}", str(getattr(args, flag)))] + ["--compile"] * args.compile + \
         ["--beams", *map(str, args.beams)]
     methods = [m for m in METHODS if m == "base" or m in args.methods]

@@ -103,13 +103,14 @@ def read_bandwidth(device: torch.device, gigabytes: float = 1.0) -> float:
 
 
 def step_bytes(model: Transformer, greedy: bool) -> int:
-    """Weight bytes a decoding step reads: all of them, but a greedy step reads the output
-    projection's bfloat16 copy where the model makes one (para/greedy_head.py)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Weight bytes a decoding step reads: every block's weights (int8 ones with their scales)
+    and the output projection, or for a greedy step its bfloat16 copy where the model makes one
+    (para/greedy_head.py). The embedding table is read one row per token: not counted."""
+    blocks = [*model.layers.parameters(), *model.layers.buffers(), *model.norm.parameters()]
     weight = model.output_weight
-    if greedy and greedy_head.worthwhile(weight):
-        total -= weight.numel() * (weight.element_size() - 2)
-    return total
+    head = weight.numel() * (2 if greedy and greedy_head.worthwhile(weight) else weight.element_size())
+    scale = getattr(model.lm_head, "scale", None)
+    return sum(t.numel() * t.element_size() for t in blocks) + head + (0 if scale is None else scale.numel() * 4)
 
 
 def device_name(device: torch.device) -> str:

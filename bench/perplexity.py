@@ -2,7 +2,7 @@
 exp(mean cross-entropy), in one forward pass of at most the model's context. The default text
 is the opening of Jane Austen's Pride and Prejudice (1813, public domain), data/austen_opening.txt.
 
-    python bench/perplexity.py [--model DIR|smollm2-135m|gemma3-270m] [--text FILE]
+    python bench/perplexity.py [--model DIR|smollm2-135m|gemma3-270m] [--text FILE] [--dtype ...] [--quantize int8]
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import para
-from para.cli import add_model_args, run_cli
+from para.cli import add_model_args, add_quantize_arg, run_cli
+from para.fast_linear import use_fast_linears
 from para.loading import model_dir
 
 TEXT = Path(__file__).resolve().parent.parent / "data" / "austen_opening.txt"
@@ -24,9 +25,12 @@ TEXT = Path(__file__).resolve().parent.parent / "data" / "austen_opening.txt"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
+    add_quantize_arg(parser)
     parser.add_argument("--text", type=Path, default=TEXT)
     args = parser.parse_args()
     model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
+    if args.quantize:
+        use_fast_linears(model, args.quantize)
     ids = tokenizer.encode(args.text.read_text())[:model.config.max_position_embeddings]
     with torch.no_grad():
         logits = model(torch.tensor([ids], device=model.device))[0, :-1]

@@ -22,6 +22,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="default: float32 on CPU, the checkpoint's dtype on CUDA")
 
 
+def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="int8: weight-only int8 projections (per output channel, as gpt-fast's), a quarter of "
+                        "float32's bytes; PARA's generators and vectors stay in float (see docs/design.md)")
+
+
 def bounded(kind: type, low: float | None = None, high: float | None = None, *,
             above: bool = False, below: bool = False) -> Callable[[str], int | float]:
     """An argparse type: a `kind` (int or float) from low to high, excluding low when `above`

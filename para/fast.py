@@ -23,6 +23,7 @@ import torch
 
 from para import greedy_head
 from para.cache import KVCache, PromptVectors, new_buffers
+from para.fast_linear import use_fast_linears
 from para.model import Transformer
 
 # Past this many compilations of one function torch.compile runs it eagerly: allow a few batch
@@ -75,10 +76,13 @@ class BufferPool:
 
 class FastDecoder:
     """Caches and decoding steps for `model`: new_cache, step (-> logits) and greedy_step
-    (-> tokens). Eager unless compile=True."""
+    (-> tokens). Eager unless compile=True. On a CPU, or with quantize="int8", the model's
+    projections become FastLinears, in place (para/fast_linear.py)."""
 
-    def __init__(self, model: Transformer, compile: bool = False):
+    def __init__(self, model: Transformer, compile: bool = False, quantize: str | None = None):
         self.model = model
+        if model.device.type == "cpu" or quantize:   # para::linear where faster, int8 weights where asked
+            use_fast_linears(model, quantize)
         self.pool = BufferPool() if compile else None
         self.homes: weakref.WeakKeyDictionary[KVCache, list[PromptVectors]] = weakref.WeakKeyDictionary()
         self.compiled = None

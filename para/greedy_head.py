@@ -25,15 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from para import kernels
 from para.model import soft_cap
 
 CANDIDATES = 32
 
 
 def worthwhile(weight: torch.Tensor) -> bool:
-    """Only float32 weights on a CPU with bfloat16 dot products (AVX512-BF16 or AMX) gain."""
+    """Only float32 weights on a CPU gain, where a bfloat16 product reads memory faster: with
+    para::linear (para/kernels), or bfloat16 dot products (AVX512-BF16 or AMX)."""
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[0] > CANDIDATES \
-        and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        and (bool(kernels.para_rows(torch.bfloat16))
+             or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 class GreedyHead:
@@ -54,8 +57,10 @@ class GreedyHead:
 
     def __call__(self, h: torch.Tensor, weight: torch.Tensor, cap: float | None = None) -> torch.Tensor:
         h_low = h.to(torch.bfloat16)
-        # a = W16 h16 (B, V); for one row a matrix-vector product, which reads bfloat16 twice as fast
-        approx = torch.mv(self.low, h_low[0])[None] if len(h) == 1 else F.linear(h_low, self.low)
+        if len(h) in kernels.para_rows(self.low.dtype):   # a = W16 h, summed in float32 (within the same bound)
+            approx = kernels.linear(h, self.low)
+        else:   # a = W16 h16 (B, V); for one row a matrix-vector product, which reads bfloat16 twice as fast
+            approx = torch.mv(self.low, h_low[0])[None] if len(h) == 1 else F.linear(h_low, self.low)
         top, candidates = approx.topk(CANDIDATES + 1, dim=-1)
         norm = lambda x: x.float().norm(dim=-1)                                       # noqa: E731
         # (float32 accumulation, ours and the reference's, counted twice over for safety)

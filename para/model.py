@@ -331,7 +331,8 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., d_model) -> logits (..., vocab)."""
-        return soft_cap(F.linear(h, self.output_weight), self.config.final_logit_softcapping)   # Gemma 2
+        out = F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+        return soft_cap(out, self.config.final_logit_softcapping)   # Gemma 2
 
     def masks(self, span: Span) -> dict[str, torch.Tensor | None]:
         """The boolean attention mask (B, 1, T, L) of each kind of layer the model has: None where

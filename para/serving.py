@@ -50,10 +50,11 @@ class Scheduler(threading.Thread):
     """The one thread that runs the model: admits queued jobs between decoding steps, decodes
     every running row one token per step, and answers each job through its `events`."""
 
-    def __init__(self, model: Transformer, tokenizer, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, model: Transformer, tokenizer, max_batch: int = 16, max_queue: int = 64,
+                 quantize: str | None = None):
         super().__init__(name="scheduler", daemon=True)
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        self.decoder = FastDecoder(model)
+        self.decoder = FastDecoder(model, quantize=quantize)
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.running: list[Job] = []       # one per row of the cache, in order
         self.admitting: list[Job] = []     # taken from the queue, being prefilled

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from checkpoints import TINY_LLAMA, write_checkpoint, write_model_with_tokenizer  # noqa: E402
+
+# Every test, and every script a test runs, multiplies with para::linear wherever it applies
+# (para/kernels), whichever product a measurement on this machine would choose: its products are
+# under test everywhere.
+os.environ.setdefault("PARA_KERNELS", "para")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_built():
+    """Build linear.cpp once, before any script a test runs needs it."""
+    from para import kernels
+    kernels.built()
 
 
 @pytest.fixture(autouse=True)

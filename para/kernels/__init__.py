@@ -1,0 +1,149 @@
+"""The matrix products of a CPU decoding step: para::linear (linear.cpp) or torch's own, chosen
+per machine by measurement.
+
+A decoding step multiplies a few rows (one per sequence) by every weight matrix, so its speed is
+the rate at which the product reads the weights. torch's F.linear calls MKL, which reads them
+near the memory's rate on an Intel Xeon but at a fifth of it on an AMD EPYC (12 against 62 GB/s
+measured, float32, batch 1), and reads bfloat16 slower still. linear.cpp streams each weight row
+once for all the rows, converting bfloat16 or int8 weights to float32 in registers.
+
+It is compiled on first use with torch.utils.cpp_extension (about 30 s on 2 cores; torch keeps
+the build in ~/.cache/torch_extensions) for this CPU (-march=native). Which product is faster
+for 1 row and for 2-8 rows of each weight dtype is then measured once and kept in
+~/.cache/para/kernels-<machine>.json. Where the C++ cannot be built (no compiler), torch's
+product is used, with a one-line warning.
+
+PARA_KERNELS=torch uses torch's products only; PARA_KERNELS=para uses linear.cpp wherever it
+applies, without measuring.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("linear.cpp")
+MAX_ROWS = 8           # rows of x per pass over the weights; more rows go to torch's matrix product
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def machine() -> str:
+    """A short name for this CPU, its threads and this torch: a build (-march=native) and a
+    measured choice hold for these only."""
+    cpu = platform.processor()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(line for line in info.splitlines() if line.startswith("model name")) + \
+            next(line for line in info.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    key = f"{cpu}|{torch.__version__}|{torch.get_num_threads()}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def mode() -> str:
+    return os.environ.get("PARA_KERNELS", "measure")
+
+
+@functools.cache
+def built() -> bool:
+    """Compile and load linear.cpp once; False (with a warning) where that is not possible."""
+    if mode() == "torch":
+        return False
+    from torch.utils import cpp_extension
+    try:
+        cpp_extension.load(name=f"para_kernels_{machine()}", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as e:   # no compiler, no headers: the products stay torch's
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"para: warning: linear.cpp could not be built ({reason}); decoding uses torch's products",
+              file=sys.stderr)
+        return False
+
+    @torch.library.register_fake("para::linear")
+    def _(x, weight, scale=None, bias=None):   # the output's shape, for torch.compile
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+    return True
+
+
+def torch_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The same product with torch's own kernels: int8 weights are converted to x's dtype first
+    (as gpt-fast does; on a GPU torch.compile fuses the conversion into the product)."""
+    y = F.linear(x, weight.to(x.dtype))
+    if scale is not None:
+        y = y * scale.to(y.dtype)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def choice_file() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "para" / f"kernels-{machine()}.json"
+
+
+@functools.cache
+def para_rows(weight_dtype: torch.dtype) -> frozenset[int]:
+    """The row counts (of 1..MAX_ROWS) at which para::linear beats torch's product for weights
+    of this dtype on this machine: measured once, then read from choice_file()."""
+    if not built():
+        return frozenset()
+    if mode() == "para":
+        return frozenset(range(1, MAX_ROWS + 1))
+    key, path = str(weight_dtype).removeprefix("torch."), choice_file()
+    try:
+        choices = json.loads(path.read_text())
+    except (OSError, ValueError):
+        choices = {}
+    if key not in choices:
+        choices[key] = {str(rows): faster(weight_dtype, rows) for rows in (1, MAX_ROWS)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(choices, indent=1))
+        os.replace(tmp, path)
+    one, several = choices[key]["1"], choices[key][str(MAX_ROWS)]
+    return frozenset(rows for rows in range(1, MAX_ROWS + 1) if (one if rows == 1 else several) == "para")
+
+
+def faster(weight_dtype: torch.dtype, rows: int) -> str:
+    """'para' or 'torch': which reads a model-sized stack of weights faster, x having `rows` rows.
+    The stack (64M weights, 64 MB or more) is larger than a CPU's caches, as a model's are."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(2048, 2048, generator=generator) for _ in range(16)]
+    scales = [None] * len(weights)
+    if weight_dtype == torch.int8:
+        scales = [torch.rand(2048, generator=generator) for _ in weights]
+        weights = [w.clamp(-127, 127).to(torch.int8) for w in weights]
+    else:
+        weights = [w.to(weight_dtype) for w in weights]
+    x = torch.randn(rows, 2048, generator=generator).to(torch.float32 if weight_dtype == torch.int8 else weight_dtype)
+    seconds = {}
+    with torch.inference_mode():
+        for name, product in (("para", torch.ops.para.linear), ("torch", torch_linear)) * 2:
+            start = time.perf_counter()
+            for _ in range(3):
+                for w, s in zip(weights, scales):
+                    product(x, w, s)
+            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - start)
+    return min(seconds, key=seconds.get)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None, fast_rows: frozenset[int] | None = None) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)^T, times scale (N,) for int8 weights, plus bias, with
+    para::linear where x has one of fast_rows rows (default: para_rows(weight.dtype); a compiled
+    caller passes them, looked up beforehand). para::linear has no backward: where a gradient is
+    needed, torch's product runs."""
+    fast_rows = para_rows(weight.dtype) if fast_rows is None else fast_rows
+    if x.device.type == "cpu" and x.numel() // x.shape[-1] in fast_rows and weight.is_contiguous() \
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return torch.ops.para.linear(x, weight, scale, bias)
+    return torch_linear(x, weight, scale, bias)

@@ -1,0 +1,173 @@
+"""The fast path's products (para/kernels, para/fast_linear.py): para::linear against torch's
+products, the per-machine choice, FastLinear in a model, and weight-only int8."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checkpoints import TINY_GEMMA2, TINY_LLAMA, write_checkpoint
+from para import kernels
+from para.adapters import AdapterConfig, add_adapter, adapter_state, install
+from para.fast import FastDecoder
+from para.fast_linear import FastLinear, int8_per_channel, use_fast_linears
+from para.generation import beam_search, generate
+from para.loading import load_model
+
+
+def tiny(config, tmp_path, name="base"):
+    write_checkpoint(tmp_path / name, config)
+    return load_model(tmp_path / name, device="cpu")
+
+
+def plain_decoder(model):
+    """A FastDecoder that leaves the model's nn.Linear projections as they are (new ones swap them)."""
+    decoder = object.__new__(FastDecoder)
+    decoder.model, decoder.pool, decoder.compiled, decoder.homes = model, None, None, {}
+    return decoder
+
+
+needs_kernel = pytest.mark.skipif(not kernels.built(), reason="linear.cpp could not be built here")
+
+
+def test_the_kernel_builds_where_a_compiler_is():
+    if shutil.which("c++") or shutil.which("g++"):
+        assert kernels.built()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
+def test_para_linear_matches_torch(dtype, rows):
+    # odd sizes: a row's tail shorter than 16 and a last tile of W shorter than 4 rows
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(203, 147, generator=generator)
+    x = torch.randn(rows, 147, generator=generator)
+    bias = torch.randn(203, generator=generator)
+    scale = None
+    if dtype == torch.int8:
+        weight, scale = int8_per_channel(weight)
+    else:
+        weight = weight.to(dtype)
+    expected = F.linear(x.double(), weight.double()) * (1 if scale is None else scale.double()) + bias.double()
+    got = torch.ops.para.linear(x, weight, scale, bias)
+    assert got.dtype == torch.float32 and got.shape == (rows, 203)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
+    # bfloat16 rows in, bfloat16 out, summed in float32
+    low = torch.ops.para.linear(x.bfloat16(), weight, scale, bias)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected.float(), atol=0.1, rtol=2 ** -7)
+
+
+@needs_kernel
+def test_para_linear_keeps_leading_dimensions():
+    x, weight = torch.randn(2, 1, 64), torch.randn(40, 64)
+    assert torch.ops.para.linear(x, weight).shape == (2, 1, 40)
+    torch.testing.assert_close(torch.ops.para.linear(x, weight), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+
+
+def test_choice_is_measured_once_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("PARA_KERNELS", "measure")
+    monkeypatch.setattr(kernels, "built", lambda: True)
+    measured = []
+    monkeypatch.setattr(kernels, "faster", lambda dtype, rows: measured.append(rows) or ("para" if rows == 1 else "torch"))
+    kernels.para_rows.cache_clear()
+    try:
+        assert kernels.para_rows(torch.float32) == {1}
+        assert measured == [1, kernels.MAX_ROWS]
+        kernels.para_rows.cache_clear()   # a new process: read from the file, not measured again
+        assert kernels.para_rows(torch.float32) == {1}
+        assert measured == [1, kernels.MAX_ROWS]
+        assert json.loads(kernels.choice_file().read_text()) == {"float32": {"1": "para", "8": "torch"}}
+    finally:
+        kernels.para_rows.cache_clear()
+
+
+def test_torch_products_only_when_asked(monkeypatch):
+    monkeypatch.setenv("PARA_KERNELS", "torch")
+    kernels.built.cache_clear()
+    kernels.para_rows.cache_clear()
+    try:
+        assert not kernels.built() and kernels.para_rows(torch.float32) == frozenset()
+        linear = FastLinear(torch.nn.Linear(16, 8), quantize="int8")
+        assert linear.fast_rows == frozenset()
+        x = torch.randn(1, 16)
+        torch.testing.assert_close(linear(x), F.linear(x, linear.weight.float()) * linear.scale + linear.bias)
+    finally:
+        kernels.built.cache_clear()
+        kernels.para_rows.cache_clear()
+
+
+def test_int8_per_channel_rounds_each_row_to_its_scale():
+    weight = torch.randn(64, 48) * torch.logspace(-3, 1, 64)[:, None]
+    values, scale = int8_per_channel(weight)
+    assert values.dtype == torch.int8 and scale.shape == (64,)
+    assert (values.abs().amax(dim=1) == 127).all()
+    assert ((values.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("config", [TINY_LLAMA, TINY_GEMMA2], ids=["llama", "gemma2"])
+def test_fast_linears_give_the_same_logits(config, tmp_path):
+    model = tiny(config, tmp_path)
+    ids = torch.randint(0, config["vocab_size"], (3, 9))
+    reference = model(ids)
+    use_fast_linears(model)
+    assert isinstance(model.layers[0].attn.q_proj, FastLinear) and isinstance(model.lm_head, FastLinear)
+    torch.testing.assert_close(model(ids), reference, atol=1e-5, rtol=1e-5)
+    # a decoding step: 3 rows, through para::linear where it is chosen
+    cache = model.new_cache(3, 12)
+    model.hidden(ids[:, :8], cache=cache)
+    torch.testing.assert_close(model(ids[:, 8:9], cache=cache)[:, -1], reference[:, 8], atol=1e-5, rtol=1e-5)
+
+
+def test_tied_output_projection_shares_the_embedding(tmp_path):
+    model = tiny(TINY_GEMMA2, tmp_path)
+    assert model.lm_head is None
+    use_fast_linears(model)
+    assert model.lm_head.weight is model.embed.weight
+
+
+@pytest.mark.parametrize("config", [TINY_LLAMA, TINY_GEMMA2], ids=["llama", "gemma2"])
+def test_fast_decoder_gives_the_teaching_models_tokens(config, tmp_path):
+    fast, plain = tiny(config, tmp_path, "a"), tiny(config, tmp_path, "b")
+    prompts = [[5, 9, 2, 7], [3, 3, 8]]
+    for batch in (prompts, prompts[:1]):   # 2 rows and 1 row a step
+        decoder = FastDecoder(fast)
+        assert generate(fast, batch, 8, eos_ids=[], decoder=decoder).tokens == \
+            generate(plain, batch, 8, eos_ids=[], decoder=plain_decoder(plain)).tokens
+        assert beam_search(fast, batch, 6, eos_ids=[], num_beams=3, decoder=decoder).tokens == \
+            beam_search(plain, batch, 6, eos_ids=[], num_beams=3, decoder=plain_decoder(plain)).tokens
+    assert not isinstance(plain.layers[0].attn.q_proj, FastLinear)
+
+
+@torch.no_grad()
+def test_int8_model_is_close_and_runs_an_adapter_trained_on_float(tmp_path):
+    model = tiny(TINY_LLAMA, tmp_path)
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 10))
+    config = AdapterConfig("para", rank=4)
+    add_adapter(model, config)
+    for name, p in model.named_parameters():
+        if "vg." in name:
+            p.add_(torch.randn_like(p) * 0.05)
+    state = adapter_state(model)
+    end = torch.tensor([8, 8])   # the prompts: the first 9 tokens
+    reference = model(ids, prompt_end=end)
+    FastDecoder(model, quantize="int8")
+    q_proj = model.layers[0].attn.q_proj
+    assert q_proj.weight.dtype == torch.int8 and model.lm_head.weight.dtype == torch.int8
+    assert model.embed.weight.dtype == torch.float32          # the table stays float
+    assert model.layers[0].vg.w_down.dtype == torch.float32   # PARA's generator too
+    quantized = model(ids, prompt_end=end)
+    error = float((quantized - reference).norm() / reference.norm())
+    assert 0 < error < 0.05, error   # on real weights: see bench/RESULTS.md
+    # the adapter installed again on the int8 base: the same outputs
+    install(model, [(config, state)], bank=False)
+    torch.testing.assert_close(model(ids, prompt_end=end), quantized, atol=1e-5, rtol=1e-5)
+    assert model.layers[0].attn.q_proj.weight.dtype == torch.int8
+    # a decoding step of the int8 model (para::linear where chosen) agrees with its forward
+    cache = model.new_cache(2, 10)
+    model.hidden(ids[:, :9], cache=cache, prompt_end=end)
+    torch.testing.assert_close(model(ids[:, 9:], cache=cache)[:, -1], quantized[:, 9], atol=1e-4, rtol=1e-4)
