@@ -35,11 +35,13 @@ class FastLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias
+        # Weights in huge pages on a CPU: a decoding step streams every one of them (kernels.in_huge_pages)
         if quantize == "int8":
             values, scale = int8_per_channel(linear.weight)
-            self.weight = nn.Parameter(values, requires_grad=False)
+            self.weight = nn.Parameter(kernels.in_huge_pages(values), requires_grad=False)
             self.register_buffer("scale", scale)
-        else:   # the same Parameter: the model's weights are shared, not copied
+        else:   # the same Parameter (the model's weights are shared, not copied), its data moved
+            linear.weight.data = kernels.in_huge_pages(linear.weight.data)
             self.weight, self.scale = linear.weight, None
         # looked up here, not in forward: a compiled step then reads a constant
         self.fast_rows = kernels.para_rows(self.weight.dtype) if self.weight.device.type == "cpu" else frozenset()

@@ -171,3 +171,23 @@ def test_int8_model_is_close_and_runs_an_adapter_trained_on_float(tmp_path):
     cache = model.new_cache(2, 10)
     model.hidden(ids[:, :9], cache=cache, prompt_end=end)
     torch.testing.assert_close(model(ids[:, 9:], cache=cache)[:, -1], quantized[:, 9], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_generate_quantized_from_the_command_line(tiny):
+    from conftest import run
+    plain = run("generate.py", "--model", tiny, "--prompt", "hello", "--max-new-tokens", "4", "--json").stdout
+    quantized = run("generate.py", "--model", tiny, "--prompt", "hello", "--max-new-tokens", "4", "--json",
+                    "--quantize", "int8").stdout
+    assert json.loads(quantized)["new_tokens"] == json.loads(plain)["new_tokens"] == 4
+    refused = run("generate.py", "--model", tiny, "--prompt", "x", "--quantize", "int4", check=False)
+    assert refused.returncode == 2 and "argument --quantize: invalid choice" in refused.stderr
+
+
+def test_the_server_quantizes_its_model(tmp_path):
+    import para
+    from para.serving import Scheduler
+    from checkpoints import write_model_with_tokenizer
+    model, tokenizer = para.load(write_model_with_tokenizer(tmp_path / "m"), "cpu", "float32")
+    Scheduler(model, tokenizer, quantize="int8")
+    assert model.layers[0].mlp.down_proj.weight.dtype == torch.int8

@@ -42,71 +42,62 @@ inline __m512 load16(const int8_t* p, __mmask16 mask) {
 
 // out[m][j] = x[m] . w[n + j] for M rows of x and N_TILE weight rows: M * N_TILE independent
 // sums, so the multiply-adds never wait on each other's results.
-template <int M, int N_TILE, typename W>
-inline void fma_step(const float* x, const W* w, int64_t K, int64_t k, __mmask16 mask, __m512 sum[M][N_TILE]) {
-  __m512 wk[N_TILE];
-  for (int j = 0; j < N_TILE; j++) wk[j] = load16(w + j * K + k, mask);
+// out[m] = x[m] . w for M rows of x and one weight row w, read once, front to back (one stream
+// per thread: measured faster than interleaving several weight rows). U sums per row of x, over
+// alternate blocks of 16, so that M * U multiply-adds are in flight and none waits on another.
+template <int M, int U, typename W>
+void dot_row(const float* x, const W* w, int64_t K, float out[M]) {
+  __m512 sum[M][U];
+  for (int m = 0; m < M; m++)
+    for (int u = 0; u < U; u++) sum[m][u] = _mm512_setzero_ps();
+  const __mmask16 all = 0xFFFF;
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U)
+    for (int u = 0; u < U; u++) {
+      __m512 wk = load16(w + k + 16 * u, all);
+      for (int m = 0; m < M; m++) sum[m][u] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(x + m * K + k + 16 * u), sum[m][u]);
+    }
+  for (; k < K; k += 16) {  // the rest of the row, the last block masked
+    __mmask16 mask = K - k >= 16 ? all : __mmask16((1u << (K - k)) - 1);
+    __m512 wk = load16(w + k, mask);
+    for (int m = 0; m < M; m++) sum[m][0] = _mm512_fmadd_ps(wk, _mm512_maskz_loadu_ps(mask, x + m * K + k), sum[m][0]);
+  }
   for (int m = 0; m < M; m++) {
-    __m512 xk = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-    for (int j = 0; j < N_TILE; j++) sum[m][j] = _mm512_fmadd_ps(wk[j], xk, sum[m][j]);
+    __m512 total = sum[m][0];
+    for (int u = 1; u < U; u++) total = _mm512_add_ps(total, sum[m][u]);
+    out[m] = _mm512_reduce_add_ps(total);
   }
 }
-
-// out[m][j] = x[m] . w[n + j] for M rows of x and N_TILE weight rows: M * N_TILE independent
-// sums, so the multiply-adds never wait on each other's results.
-template <int M, int N_TILE, typename W>
-void dot_tile(const float* x, const W* w, int64_t K, float out[M][N_TILE]) {
-  __m512 sum[M][N_TILE];
-  for (int m = 0; m < M; m++)
-    for (int j = 0; j < N_TILE; j++) sum[m][j] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) fma_step<M, N_TILE>(x, w, K, k, __mmask16(0xFFFF), sum);
-  if (k < K) fma_step<M, N_TILE>(x, w, K, k, __mmask16((1u << (K - k)) - 1), sum);  // a row's tail
-  for (int m = 0; m < M; m++)
-    for (int j = 0; j < N_TILE; j++) out[m][j] = _mm512_reduce_add_ps(sum[m][j]);
-}
 #else
-template <int M, int N_TILE, typename W>
-void dot_tile(const float* x, const W* w, int64_t K, float out[M][N_TILE]) {
-  for (int m = 0; m < M; m++)
-    for (int j = 0; j < N_TILE; j++) {
-      float sum = 0.f;
-      for (int64_t k = 0; k < K; k++) sum += to_float(w[j * K + k]) * x[m * K + k];
-      out[m][j] = sum;
-    }
+template <int M, int U, typename W>
+void dot_row(const float* x, const W* w, int64_t K, float out[M]) {
+  for (int m = 0; m < M; m++) {
+    float sum = 0.f;
+    for (int64_t k = 0; k < K; k++) sum += to_float(w[k]) * x[m * K + k];
+    out[m] = sum;
+  }
 }
 #endif
 
-// At most 16 sums in registers (of 32): 4 weight rows at a time for up to 4 rows of x, 2 for more.
-template <int M> constexpr int n_tile() { return M <= 4 ? 4 : 2; }
+// 4 sums per row of x in flight for 1 row, 2 each for 2-3 rows, 1 each from 4 rows on.
+template <int M> constexpr int k_unroll() { return M == 1 ? 4 : M <= 3 ? 2 : 1; }
 
 template <int M, typename W>
 void rows_times_weight(const float* x, const W* w, const float* scale, const float* bias, float* y,
                        int64_t N, int64_t K) {
-  constexpr int T = n_tile<M>();
-  // Each thread takes a run of whole tiles, at least ~64 KB of weights, so a call's threads
+  // Each thread takes a run of whole weight rows, at least ~64 KB of them, so a call's threads
   // start once and each streams its own contiguous part of W.
-  int64_t grain = std::max<int64_t>(1, (1 << 16) / (K * int64_t(sizeof(W)) * T));
-  at::parallel_for(0, (N + T - 1) / T, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; tile++) {
-      int64_t n0 = tile * T;
-      float out[M][T];
-      if (n0 + T <= N) {
-        dot_tile<M, T>(x, w + n0 * K, K, out);
-      } else {  // the last rows of W, one at a time
-        for (int64_t n = n0; n < N; n++) {
-          float one[M][1];
-          dot_tile<M, 1>(x, w + n * K, K, one);
-          for (int m = 0; m < M; m++) out[m][n - n0] = one[m][0];
-        }
+  int64_t grain = std::max<int64_t>(1, (1 << 16) / (K * int64_t(sizeof(W))));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n++) {
+      float out[M];
+      dot_row<M, k_unroll<M>()>(x, w + n * K, K, out);
+      for (int m = 0; m < M; m++) {
+        float v = out[m];
+        if (scale) v *= scale[n];
+        if (bias) v += bias[n];
+        y[m * N + n] = v;
       }
-      for (int m = 0; m < M; m++)
-        for (int j = 0; j < T && n0 + j < N; j++) {
-          float v = out[m][j];
-          if (scale) v *= scale[n0 + j];
-          if (bias) v += bias[n0 + j];
-          y[m * N + n0 + j] = v;
-        }
     }
   });
 }
