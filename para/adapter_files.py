@@ -137,8 +137,11 @@ def _read_cached(path: Path, mtime_ns: int) -> dict:
 
 def read_for(model: Transformer, path: Path) -> tuple[AdapterConfig, dict]:
     """An adapter file's config and tensors, checked against `model`; each file is read once
-    per process (again if it changes)."""
+    per process (again if it changes). A folder is read as a Hugging Face PEFT adapter."""
     path = Path(path).resolve()
+    if path.is_dir():
+        from para import peft_format   # imported here: it imports this module
+        return peft_format.read_for(model, path)
     if not path.is_file():
         raise AdapterError(f"{path}: adapter file not found")
     data = _read_cached(path, path.stat().st_mtime_ns)
@@ -148,8 +151,11 @@ def read_for(model: Transformer, path: Path) -> tuple[AdapterConfig, dict]:
 
 
 def adapter_training(path: Path) -> dict:
-    """How the adapter at `path` was trained ({"data", "chat", "step"}), as train.py recorded it."""
+    """How the adapter at `path` was trained ({"data", "chat", "step"}), as train.py recorded it
+    (a PEFT folder records none)."""
     path = Path(path).resolve()
+    if path.is_dir():
+        return {}
     if not path.is_file():
         raise AdapterError(f"{path}: adapter file not found")
     train = _read_cached(path, path.stat().st_mtime_ns).get("train")
