@@ -90,9 +90,8 @@ def read_settings(folder: Path) -> dict:
     return settings
 
 
-def adapter_config(settings: dict, folder: Path) -> AdapterConfig:
-    """Our AdapterConfig for PEFT's settings (less the targets); what cannot be represented is refused."""
-    where = folder / CONFIG
+def check_settings(settings: dict, where: Path) -> str:
+    """The method of PEFT's settings ("lora" or "ia3"); a setting that cannot be represented is refused."""
     kind = settings.get("peft_type")
     if kind not in METHODS:
         raise AdapterError(f"{where}: peft_type {kind!r} is not supported; only LORA and IA3 adapters load here")
@@ -101,14 +100,18 @@ def adapter_config(settings: dict, folder: Path) -> AdapterConfig:
             continue
         reason = UNSUPPORTED.get(key, "a PEFT setting this project does not implement; save the adapter without it")
         raise AdapterError(f"{where}: {key} {json.dumps(value)} is not supported: {reason}")
-    if kind == "IA3":
-        return AdapterConfig("ia3", targets=("down",))   # targets: read from the tensors
-    rank, alpha = settings.get("r"), settings.get("lora_alpha", 8)
+    return METHODS[kind]
+
+
+def adapter_config(settings: dict, method: str, targets: tuple[str, ...], where: Path) -> AdapterConfig:
+    if method == "ia3":
+        return AdapterConfig("ia3", targets=targets)
+    rank, alpha = settings.get("r"), settings.get("lora_alpha", 8)   # 8: PEFT's default
     if type(rank) is not int or rank < 1 or type(alpha) not in (int, float) or not 0 < alpha < math.inf:
         raise AdapterError(f"{where}: r {rank!r} must be a positive integer and lora_alpha {alpha!r} a positive number")
     if settings.get("use_rslora"):   # PEFT scales by alpha / sqrt(r); ours is alpha / rank
         alpha = alpha * math.sqrt(rank)
-    return AdapterConfig("lora", rank, targets=("q",), alpha=float(alpha))
+    return AdapterConfig("lora", rank, targets=targets, alpha=float(alpha))
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -123,11 +126,11 @@ def read_for(model: Transformer, folder: Path) -> tuple[AdapterConfig, dict[str,
     """A PEFT folder's adapter as ours (config and tensors, float32), checked against `model`: every
     layer adapted, every tensor shaped for this base. Each problem is one AdapterError line."""
     settings = read_settings(folder)
-    config = adapter_config(settings, folder)
+    method = check_settings(settings, folder / CONFIG)
     tensors = read_tensors(folder)
     base = f"the adapter was made for another base ({settings.get('base_model_name_or_path')})"
     ours_by_peft = {peft_name(i, site, leaf): (i, site, leaf) for i in range(model.config.num_layers)
-                    for site in SITES for leaf in LEAVES[config.method]}
+                    for site in SITES for leaf in LEAVES[method]}
     unknown = sorted(name for name in tensors if name not in ours_by_peft)
     if unknown:
         raise AdapterError(f"{folder / WEIGHTS}: tensor {unknown[0]} is not one a {settings['peft_type']} adapter "
@@ -135,7 +138,8 @@ def read_for(model: Transformer, folder: Path) -> tuple[AdapterConfig, dict[str,
                            f"{model.config.num_layers} layers")
     if not tensors:
         raise AdapterError(f"{folder / WEIGHTS}: holds no tensors; copy it again")
-    config.targets = tuple(site for site in SITES if any(ours_by_peft[name][1] == site for name in tensors))
+    targets = tuple(site for site in SITES if any(ours_by_peft[name][1] == site for name in tensors))
+    config = adapter_config(settings, method, targets, folder / CONFIG)
     shapes = expected_shapes(model.config, config)
     state = {}
     for name, (i, site, leaf) in ours_by_peft.items():
