@@ -80,15 +80,20 @@ def test_what_peft_settings_become(bases):
     assert ia3.targets == ("q", "up", "down")
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma"])
-def test_peft_adapters_mix_with_para_and_the_base_in_one_batch(bases, family, tmp_path):
-    model = base_model(bases, family)
+def save_para(model, path: Path) -> None:
+    """Give `model` a PARA adapter away from its identity start, and save it to `path`."""
     add_adapter(model, AdapterConfig("para", 2))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".vg." in name:
                 p.add_(torch.randn_like(p) * 0.3)
-    save_adapter(model, AdapterConfig("para", 2), tmp_path / "para.pt")
+    save_adapter(model, AdapterConfig("para", 2), path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_peft_adapters_mix_with_para_and_the_base_in_one_batch(bases, family, tmp_path):
+    model = base_model(bases, family)
+    save_para(model, tmp_path / "para.pt")
     _, ids, lora_logits = expected(f"{family}-lora")
     _, ia3_ids, ia3_logits = expected(f"{family}-ia3")    # each fixture has its own prompts, all of one length
     end = torch.full((len(ids),), ids.shape[1] - 1)   # PARA pools the last token: the prompt's end
@@ -237,12 +242,7 @@ def test_generate_mixes_a_peft_folder_with_para_and_the_base(tiny, tmp_path):
     """generate.py --requests: a PEFT folder, a PARA file and the base model in one batch, each row
     decoding the tokens it decodes alone (`tiny` is the LLaMA fixtures' base, with a tokenizer)."""
     model, tokenizer = para.load(tiny, device="cpu")
-    add_adapter(model, AdapterConfig("para", 2))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".vg." in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    save_adapter(model, AdapterConfig("para", 2), tmp_path / "para.pt")
+    save_para(model, tmp_path / "para.pt")
     prompts, adapters = ("Is 12 even or odd?", "hello"), [FIXTURES / "llama-lora", tmp_path / "para.pt", None,
                                                           FIXTURES / "llama-ia3"]
     lines = [{"prompt": prompt, "adapter": adapter and str(adapter)} for prompt in prompts for adapter in adapters]
