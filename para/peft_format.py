@@ -158,7 +158,7 @@ def read_for(model: Transformer, folder: Path) -> tuple[AdapterConfig, dict[str,
         if list(tensor.shape) != shape or not tensor.is_floating_point():
             raise AdapterError(f"{folder / WEIGHTS}: tensor {name} is {tensor.dtype} {list(tensor.shape)}, this "
                                f"model and r={config.rank} need floating-point {shape}; {base}")
-        state[ours] = ours_layout(tensor, leaf).float()
+        state[ours] = ours_layout(tensor, leaf).float().contiguous()
     return config, state
 
 
