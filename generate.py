@@ -3,6 +3,7 @@
     python generate.py --prompt "What is the capital of France?" --chat
     python generate.py --adapter para.pt --prompt "..."
     python generate.py --requests requests.jsonl      # {"prompt": ..., "adapter": "a.pt"} per line
+    python generate.py --adapter peft_folder/ --prompt "..."  # a LoRA or (IA)^3 folder written by PEFT
     python generate.py --adapter para.pt --eval test.jsonl   # exact match, accuracy, token F1
 """
 
@@ -40,10 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_quantize_arg(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts", type=Path, help='JSONL file, one {"prompt": ...} object per line')
-    parser.add_argument("--adapter", type=Path, help="an adapter file (from train.py) for every prompt that names "
-                        "none; a warning says when --chat differs from how it was trained")
+    parser.add_argument("--adapter", type=Path, help="an adapter file (from train.py) or a PEFT LoRA/(IA)^3 folder "
+                        "(from save_pretrained) for every prompt that names none; a warning says when --chat differs "
+                        "from how it was trained")
     parser.add_argument("--requests", type=Path, help='JSONL, one {"prompt": ..., "adapter": PATH or null} per '
-                        "line: mixed batches of --batch-size (each row with its own adapter), one JSON result per line, in order")
+                        "line (PATH: an adapter file or a PEFT folder): mixed batches of --batch-size (each row with "
+                        "its own adapter), one JSON result per line, in order")
     parser.add_argument("--eval", type=Path, help="JSONL with prompt and response (as for train.py): "
                         "score the generations (exact match, accuracy, token F1)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")

@@ -307,7 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(parser)
     add_quantize_arg(parser)
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                        help="serve an adapter file from train.py as model NAME (repeatable)")
+                        help="serve an adapter file from train.py, or a PEFT LoRA/(IA)^3 folder from "
+                        "save_pretrained, as model NAME (repeatable)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     parser.add_argument("--max-batch", type=COUNT, default=16, help="rows decoded together at most")

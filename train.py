@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-data", type=Path, help="JSONL dev set (default: hold out --dev-fraction of --data)")
     parser.add_argument("--dev-fraction", type=bounded(float, 0, 1, below=True), default=0.1,
                         help="share of --data held out as the dev set, in [0, 1)")
-    parser.add_argument("--out", type=Path, default=Path("para.pt"), help="the adapter file (best dev loss)")
+    parser.add_argument("--out", type=Path, default=Path("para.pt"), help="the adapter file (best dev loss); a name "
+                        "ending in .safetensors writes the same content as safetensors (docs/adapter-format.md)")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     parser.add_argument("--method", choices=METHODS, default="para",
                         help="para (default), or a baseline: lora (unmerged) or ia3")

@@ -3,26 +3,31 @@
 A file holds one adapter's tensors (named as para.adapters.expected_shapes says), its
 AdapterConfig (the method and the sites it adapts among them), and a description of the base
 model (shapes and a fingerprint of its weights), so that it refuses a base it was not trained
-on. It is read with `torch.load(weights_only=True)`, which never runs code. Files of format
-version 1 (the first release) are upgraded as they are read.
+on. It is read with `torch.load(weights_only=True)`, which never runs code; a file named
+*.safetensors holds the same fields as JSON in its header's metadata. Files of format version 1
+(the first release) are upgraded as they are read. docs/adapter-format.md describes it all.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import asdict
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 
 from para.adapters import PARA_SITES, AdapterConfig, adapter_state, expected_shapes, install
 from para.baselines import SITES
 from para.errors import UserError
-from para.files import atomic_save
+from para.files import atomic_save, atomic_write
 from para.model import Transformer
 
 FORMAT = "para-adapter"
 VERSION = 2
+SAFETENSORS = ".safetensors"   # the suffix that picks safetensors over torch.save's format
 BASE_KEYS = ("arch", "hidden_size", "num_layers", "q_width", "kv_width", "intermediate_size", "vocab_size")
 
 
@@ -37,9 +42,21 @@ def base_description(model: Transformer) -> dict:
 
 def save_adapter(model: Transformer, config: AdapterConfig, path: Path, extra: dict | None = None,
                  state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write an adapter file: torch.save's format, or safetensors when `path` ends in .safetensors."""
     state = adapter_state(model) if state is None else state
-    atomic_save({"format": FORMAT, "version": VERSION, "config": asdict(config),
-                 "base": base_description(model), "state": state, **(extra or {})}, path)
+    fields = {"format": FORMAT, "version": VERSION, "config": asdict(config), "base": base_description(model),
+              **(extra or {})}
+    if Path(path).suffix == SAFETENSORS:   # the same fields, each as JSON in the header's metadata
+        metadata = {key: json.dumps(value) for key, value in fields.items()}
+        atomic_write(path, lambda f: f.write(safetensors.torch.save(state, metadata)))
+    else:
+        atomic_save({**fields, "state": state}, path)
+
+
+def read_safetensors(path: Path) -> dict:
+    with safetensors.safe_open(path, framework="pt") as f:
+        data = {key: json.loads(value) for key, value in (f.metadata() or {}).items()}
+        return {**data, "state": {name: f.get_tensor(name) for name in f.keys()}}
 
 
 def read_adapter(path: Path) -> dict:
@@ -48,7 +65,8 @@ def read_adapter(path: Path) -> dict:
     if not path.is_file():
         raise AdapterError(f"{path}: adapter file not found")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = read_safetensors(path) if path.suffix == SAFETENSORS else \
+            torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a damaged or foreign file
         raise AdapterError(f"{path}: cannot read adapter, truncated or not an adapter file "
                            f"({type(e).__name__}); train it again or copy it again") from None
@@ -137,8 +155,11 @@ def _read_cached(path: Path, mtime_ns: int) -> dict:
 
 def read_for(model: Transformer, path: Path) -> tuple[AdapterConfig, dict]:
     """An adapter file's config and tensors, checked against `model`; each file is read once
-    per process (again if it changes)."""
+    per process (again if it changes). A folder is read as a Hugging Face PEFT adapter."""
     path = Path(path).resolve()
+    if path.is_dir():
+        from para import peft_format   # imported here: it imports this module
+        return peft_format.read_for(model, path)
     if not path.is_file():
         raise AdapterError(f"{path}: adapter file not found")
     data = _read_cached(path, path.stat().st_mtime_ns)
@@ -148,8 +169,11 @@ def read_for(model: Transformer, path: Path) -> tuple[AdapterConfig, dict]:
 
 
 def adapter_training(path: Path) -> dict:
-    """How the adapter at `path` was trained ({"data", "chat", "step"}), as train.py recorded it."""
+    """How the adapter at `path` was trained ({"data", "chat", "step"}), as train.py recorded it
+    (a PEFT folder records none)."""
     path = Path(path).resolve()
+    if path.is_dir():
+        return {}
     if not path.is_file():
         raise AdapterError(f"{path}: adapter file not found")
     train = _read_cached(path, path.stat().st_mtime_ns).get("train")

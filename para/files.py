@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import torch
 
@@ -23,13 +23,18 @@ class WriteError(UserError):
 def atomic_save(obj: object, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then rename: never a half-written file. A
     failed write leaves the previous file as it was and raises WriteError."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """As atomic_save, for any writer of bytes: write(f) fills the temporary file."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
