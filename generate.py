@@ -158,7 +158,6 @@ def main() -> None:
     args = parse_args()
     requests = read_requests(args)
     model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
-    decoder = FastDecoder(model, compile=args.compile, quantize=args.quantize)
     which = install_adapters(model, requests, args.chat)
     context = model.config.max_position_embeddings
     as_json = args.json or args.requests is not None
@@ -166,6 +165,7 @@ def main() -> None:
     eos = set(tokenizer.eos_ids)
     texts = []
     encoded = [encode(tokenizer, r, args, context) for r in requests]   # every refusal before generating
+    decoder = FastDecoder(model, compile=args.compile, quantize=args.quantize)
     for start in range(0, len(requests), args.batch_size):
         batch = requests[start:start + args.batch_size]
         ids = encoded[start:start + args.batch_size]

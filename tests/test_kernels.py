@@ -176,12 +176,8 @@ def test_int8_model_is_close_and_runs_an_adapter_trained_on_float(tmp_path):
 @pytest.mark.slow
 def test_generate_quantized_from_the_command_line(tiny):
     from conftest import run
-    plain = run("generate.py", "--model", tiny, "--prompt", "hello", "--max-new-tokens", "4", "--json").stdout
-    quantized = run("generate.py", "--model", tiny, "--prompt", "hello", "--max-new-tokens", "4", "--json",
-                    "--quantize", "int8").stdout
-    assert json.loads(quantized)["new_tokens"] == json.loads(plain)["new_tokens"] == 4
-    refused = run("generate.py", "--model", tiny, "--prompt", "x", "--quantize", "int4", check=False)
-    assert refused.returncode == 2 and "argument --quantize: invalid choice" in refused.stderr
+    out = run("generate.py", "--model", tiny, "--prompt", "hello", "--max-new-tokens", "4", "--json", "--quantize", "int8")
+    assert json.loads(out.stdout)["new_tokens"] == 4
 
 
 def test_the_server_quantizes_its_model(tmp_path):
