@@ -38,9 +38,9 @@ MAX_ROWS = 8           # rows of x per pass over the weights; more rows go to to
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
-def machine() -> str:
-    """A short name for this CPU, its threads and this torch: a build (-march=native) and a
-    measured choice hold for these only."""
+def machine(threads: bool = True) -> str:
+    """A short name for this CPU and this torch (and the threads in use): a build (-march=native)
+    holds for these only, a measured choice for these threads too."""
     cpu = platform.processor()
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -48,7 +48,7 @@ def machine() -> str:
             next(line for line in info.splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    key = f"{cpu}|{torch.__version__}|{torch.get_num_threads()}"
+    key = f"{cpu}|{torch.__version__}" + (f"|{torch.get_num_threads()}" if threads else "")
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -63,7 +63,7 @@ def built() -> bool:
         return False
     from torch.utils import cpp_extension
     try:
-        cpp_extension.load(name=f"para_kernels_{machine()}", sources=[str(SOURCE)], extra_cflags=FLAGS,
+        cpp_extension.load(name=f"para_kernels_{machine(threads=False)}", sources=[str(SOURCE)], extra_cflags=FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:   # no compiler, no headers: the products stay torch's
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
