@@ -7,10 +7,12 @@
 #                PARA, (IA)^3, unmerged LoRA, beams 1 and 3, eager;
 #   compiled     the same at beam 1 with the compiled step (CUDA graphs), all four methods,
 #                with torch.compile's hints on what kept it from CUDA graphs in the log;
-#   transformers SmolLM2-135M's shape against transformers (float32), para compiled.
+#   transformers SmolLM2-135M's shape against transformers (float32), para compiled;
+#   int8         the compiled step of `compiled` with weight-only int8 (--quantize int8), base
+#                and PARA: against `compiled`'s bfloat16 figures, int8's speed-up.
 # Needs torch with CUDA and, for the last, transformers in the same interpreter. Steps run in the
 # order named; logs go to $OUT.
-#     OUT=gpu-results bash bench/gpu.sh [tests] [table4] [compiled] [transformers]
+#     OUT=gpu-results bash bench/gpu.sh [tests] [table4] [compiled] [transformers] [int8]
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PY:-python3}
@@ -25,10 +27,12 @@ command_of() {  # the command of each step
                        "--dtype bfloat16 --runs 2 --compile --beams 1" ;;
         transformers) echo "$PY bench/bench_transformers.py --shape smollm2-135m --device cuda --hf-python $PY" \
                            "--runs 2 --compile" ;;
+        int8) echo "$PY bench/bench_methods.py --shape llama-2-7b --device cuda --dtype bfloat16 --runs 2" \
+                   "--compile --beams 1 --methods para --quantize int8" ;;
         *) echo "unknown step $1" >&2; exit 2 ;;
     esac
 }
-declare -A SECONDS_OF=([tests]=150 [table4]=200 [compiled]=300 [transformers]=250)
+declare -A SECONDS_OF=([tests]=150 [table4]=200 [compiled]=300 [transformers]=250 [int8]=300)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 for name in $STEPS; do command_of "$name" > /dev/null || exit 2; done

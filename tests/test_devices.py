@@ -7,7 +7,7 @@ from checkpoints import TINY_GEMMA3, TINY_LLAMA, write_checkpoint
 from conftest import run
 from para.adapter_files import install_bank, save_adapter
 from para import fast
-from para.adapters import AdapterConfig, add_adapter, is_adapter_parameter
+from para.adapters import AdapterConfig, add_adapter, is_adapter_parameter, remove_adapters
 from para.generation import beam_search, generate, prefill
 from para.loading import load_model
 from para.fast import BufferPool, FastDecoder
@@ -187,6 +187,25 @@ def test_bfloat16_on_cuda_is_close_to_float32(tmp_path):
     error = (half(ids).float() - reference).norm() / reference.norm()
     assert error < 2e-2
     assert len(generate(half, PROMPTS, 8, eos_ids=[]).tokens[0]) == 8
+
+
+@cuda
+def test_int8_on_cuda_gives_the_cpu_int8_logits_and_tokens(tmp_path):
+    """Weight-only int8 on a GPU (torch's product of the converted weights, compiled as a CUDA
+    graph) against the CPU's (para::linear), the same quantized weights; PARA adapters trained
+    on the float base run on both."""
+    write_checkpoint(tmp_path / "m", TINY_LLAMA)
+    cpu, gpu = (load_model(tmp_path / "m", device, "float32") for device in ("cpu", "cuda"))
+    adapters = random_adapters(cpu, tmp_path)   # on the float base
+    remove_adapters(cpu)
+    FastDecoder(cpu, quantize="int8")
+    compiled = FastDecoder(gpu, compile=True, quantize="int8")
+    assert gpu.layers[0].attn.q_proj.weight.dtype == torch.int8
+    ids = torch.randint(3, 90, (2, 20))
+    torch.testing.assert_close(gpu(ids.cuda()).cpu(), cpu(ids), atol=1e-4, rtol=0)
+    for model in (cpu, gpu):
+        install_bank(model, adapters)
+    assert decode_all(gpu, compiled) == decode_all(cpu)
 
 
 @cuda
