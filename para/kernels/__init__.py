@@ -63,8 +63,11 @@ def built() -> bool:
         return False
     from torch.utils import cpp_extension
     try:
-        cpp_extension.load(name=f"para_kernels_{machine(threads=False)}", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                           extra_ldflags=["-fopenmp"], is_python_module=False)
+        # one build per CPU, torch and copy of the source: two checkouts, or a checkout and an
+        # installed package, would otherwise rebuild each other's (torch rebuilds when the path changes)
+        where = hashlib.sha256(str(SOURCE).encode()).hexdigest()[:8]
+        cpp_extension.load(name=f"para_kernels_{machine(threads=False)}_{where}", sources=[str(SOURCE)],
+                           extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:   # no compiler, no headers: the products stay torch's
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"para: warning: linear.cpp could not be built ({reason}); decoding uses torch's products",
