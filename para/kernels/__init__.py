@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from para.files import WriteError, atomic_write
+
 SOURCE = Path(__file__).with_name("linear.cpp")
 MAX_ROWS = 8           # rows of x per pass over the weights; more rows go to torch's matrix product
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -86,8 +88,8 @@ HUGE_PAGE = 2 << 20
 def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A copy of t in memory that Linux is asked to back with 2 MB pages (transparent huge
     pages, madvise): streaming a large matrix then walks the page tables 512 times less often.
-    On a 2-core AMD EPYC VM a step's products read 29.7 against 27.6 GB/s, and the sum of a
-    matrix 34.8 against 32.3 (bench/RESULTS.md). t itself where small or not possible."""
+    On a 2-core AMD EPYC VM para::linear read 35 against 32 GB/s, and the sum of a matrix 57-61
+    against 48-50 (bench/RESULTS.md). t itself where small or not possible."""
     if t.device.type != "cpu" or t.nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return t
     # private and anonymous (a shared mapping would be shmem, which Linux backs with small pages); page-aligned:
@@ -130,10 +132,10 @@ def para_rows(weight_dtype: torch.dtype) -> frozenset[int]:
         choices = {}
     if key not in choices:
         choices[key] = {str(rows): faster(weight_dtype, rows) for rows in (1, MAX_ROWS)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(choices, indent=1))
-        os.replace(tmp, path)
+        try:
+            atomic_write(path, lambda f: f.write(json.dumps(choices, indent=1).encode()))
+        except WriteError:   # a cache it cannot keep: the choice holds for this process only
+            pass
     one, several = choices[key]["1"], choices[key][str(MAX_ROWS)]
     return frozenset(rows for rows in range(1, MAX_ROWS + 1) if (one if rows == 1 else several) == "para")
 
