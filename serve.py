@@ -1,42 +1,57 @@
 """Serve one model and many tenants' adapters behind one OpenAI-compatible endpoint; requests
 for different adapters (PARA, (IA)^3, LoRA, or the base model) decode in the same batch.
 
-    python serve.py --adapter tenant1=t1.pt --adapter tenant2=t2.pt [--model DIR] [--port 8000]
+    python serve.py --adapter-dir adapters/ [--max-loaded 16] [--adapter NAME=PATH] [--model DIR] [--port 8000]
 
-    GET  /v1/models              "base" and every adapter NAME
-    POST /v1/completions         {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
+    GET  /v1/models              "base" and every adapter: those named with --adapter, then DIR's
+    POST /v1/completions         {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+                                  "logprobs", "echo"}: a prompt is a string, token ids, or a list of either
     POST /v1/chat/completions    {"model", "messages", ...}: through the checkpoint's chat template
+    POST /v1/load_lora_adapter   {"lora_name", "lora_path"}, and /v1/unload_lora_adapter {"lora_name"}
+                                 (vLLM's names; with --allow-runtime-loading)
     GET  /health                 {"running": rows decoding, "waiting": queued requests}
+    GET  /metrics                Prometheus' text format
 
-Any OpenAI client works against it (base_url http://HOST:PORT/v1). The HTTP layer is the
-standard library's ThreadingHTTPServer: one thread per connection waits on its request while
-the scheduler thread (para/serving.py) batches every request onto the one model; nothing
-more is needed in front of a single model, so no web framework is a dependency. SIGTERM or
-Ctrl-C stops taking requests, answers the ones in flight, and exits 0.
+Any OpenAI client works against it (base_url http://HOST:PORT/v1). Every adapter in DIR (a
+file's stem, or a PEFT folder's name) is a model, files added while serving included; the
+bank holds --max-loaded of them at once (para/adapter_bank.py). The HTTP layer is the standard
+library's ThreadingHTTPServer: one thread per connection reads its request and waits for its
+answer while the scheduler thread (para/serving.py) batches every request onto the one model.
+Bursts are held by a listen backlog as deep as --max-connections; beyond that many open
+connections, and beyond --max-queue waiting requests, a client gets 503 with Retry-After.
+SIGTERM or Ctrl-C stops taking requests, answers the ones in flight, and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
+import ipaddress
 import json
+import os
 import signal
 import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import para
-from para.adapter_files import install_bank
+from para.adapter_bank import AdapterBank, UnknownAdapter
 from para.cli import COUNT, add_model_args, add_quantize_arg, run_cli
 from para.errors import UserError
 from para.files import is_text
 from para.generation import Sampling
 from para.loading import model_dir
+from para.prometheus import Metrics
 from para.serving import Job, Scheduler
 from tokenizer import Tokenizer
+
+MAX_LOGPROBS = 20   # top alternatives per token at most (vLLM's default limit; OpenAI's is 5)
+RETRY_AFTER = "1"   # seconds a client told 503 should wait
 
 
 class ApiError(Exception):
@@ -47,16 +62,26 @@ class ApiError(Exception):
         self.status, self.param, self.code = status, param, code
 
     def body(self) -> dict:
-        kind = {500: "server_error", 503: "server_overloaded"}.get(self.status, "invalid_request_error")
+        kind = {401: "authentication_error", 500: "server_error", 503: "server_overloaded"}.get(
+            self.status, "invalid_request_error")
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "bad_request", 413: "bad_request", 503: "overloaded"}
 
 
 @dataclass
 class Service:
     scheduler: Scheduler
     tokenizer: Tokenizer
-    slots: dict[str, int]      # model name -> slot in the bank ("base" is 0)
+    bank: AdapterBank | None   # None: the base model only
     context: int               # the model's max_position_embeddings
+    metrics: Metrics
+    api_key: str | None
+    runtime_loading: bool      # whether POST /v1/load_lora_adapter and unload are allowed
+
+    def names(self) -> list[str]:
+        return ["base"] if self.bank is None else self.bank.names()
 
 
 def number(body: dict, key: str, default, low: float, high: float, integer: bool = False):
@@ -83,54 +108,91 @@ def text_of(content, where: str) -> str:
     return content
 
 
-def prompt_ids(service: Service, body: dict, chat: bool) -> list[int]:
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ApiError(400, "'messages' must be a non-empty list of objects", "messages")
-        turns = []
-        for i, m in enumerate(messages):
-            if m.get("role") not in ("system", "user", "assistant"):
-                raise ApiError(400, f"messages[{i}].role must be system, user or assistant", "messages")
-            turns.append({"role": m["role"], "content": text_of(m.get("content"), "messages")})
-        try:
-            return service.tokenizer.encode_chat(turns)
-        except Exception as e:  # the template rejects the conversation (e.g. no system role)
-            raise ApiError(400, f"the chat template rejects these messages: {e}", "messages") from None
+def chat_ids(service: Service, body: dict) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ApiError(400, "'messages' must be a non-empty list of objects", "messages")
+    turns = []
+    for i, m in enumerate(messages):
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}].role must be system, user or assistant", "messages")
+        turns.append({"role": m["role"], "content": text_of(m.get("content"), "messages")})
+    try:
+        return service.tokenizer.encode_chat(turns)
+    except Exception as e:  # the template rejects the conversation (e.g. no system role)
+        raise ApiError(400, f"the chat template rejects these messages: {e}", "messages") from None
+
+
+def completion_prompts(service: Service, body: dict) -> list[list[int]]:
+    """A completion's prompts as token ids: OpenAI's prompt is a string, a list of token ids,
+    or a list of several of either (one choice each)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
-    return service.tokenizer.encode(text_of(prompt, "prompt"))
+    single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
+                                         all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))
+    prompts = [prompt] if single else prompt
+    if not isinstance(prompts, list) or not prompts or len(prompts) > service.scheduler.waiting.maxsize:
+        raise ApiError(400, "'prompt' must be a non-empty string, a list of token ids, or a list of up to "
+                            f"{service.scheduler.waiting.maxsize} of either", "prompt")
+    vocab = service.scheduler.model.config.vocab_size
+    ids = []
+    for p in prompts:
+        if isinstance(p, str) and p:
+            ids.append(service.tokenizer.encode(text_of(p, "prompt")))
+        elif isinstance(p, list) and p and all(type(t) is int and 0 <= t < vocab for t in p):
+            ids.append(p)
+        else:
+            raise ApiError(400, f"'prompt' must hold non-empty strings or lists of token ids below {vocab}", "prompt")
+    return ids
 
 
-def parse_request(service: Service, body: dict, chat: bool) -> tuple[Job, str, tuple[bool, bool]]:
-    """(the job, the model name, (whether to stream, whether the stream ends with usage)) for a
-    request body, or an ApiError."""
+@dataclass
+class Request:
+    """A parsed request: its jobs (one per prompt), the model name, and how to answer."""
+    jobs: list[Job]
+    name: str
+    chat: bool
+    stream: bool
+    usage_in_stream: bool
+
+
+def parse_request(service: Service, body: dict, chat: bool) -> Request:
+    """The request a body asks for, or an ApiError. The adapter is read here, on the HTTP
+    thread: a bad file is this request's 400, and decoding never waits on the disk."""
     name = body.get("model")
     if not isinstance(name, str):
         raise ApiError(400, "'model' must be a string: 'base' or an adapter name", "model")
-    if name not in service.slots:
-        raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists them", "model", "model_not_found")
-    for key, ok in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)), ("logprobs", (None, False))):
+    for key, ok in (("n", (None, 1)), ("best_of", (None, 1))):
         if body.get(key) not in ok:
             raise ApiError(400, f"'{key}' is not supported here (leave it out)", key)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "stream")
+    logprobs, echo = None, False
+    if chat:
+        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+            raise ApiError(400, "'logprobs' is supported in /v1/completions only", "logprobs")
+    else:
+        logprobs = number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise ApiError(400, "'echo' must be true or false", "echo")
+        if stream and (logprobs is not None or echo):
+            raise ApiError(400, "'logprobs' and 'echo' are not supported with 'stream'", "stream")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", "stream")
-    ids = prompt_ids(service, body, chat)
-    room = service.context - len(ids)
+    prompts = [chat_ids(service, body)] if chat else completion_prompts(service, body)
+    if stream and len(prompts) > 1:
+        raise ApiError(400, "'stream' takes one prompt", "prompt")
+    room = service.context - max(len(ids) for ids in prompts)
     key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     # OpenAI's defaults: 16 for completions; for chat (unbounded there) generate.py's 256
-    max_tokens = number(body, key, 16 if not chat else max(min(256, room), 1), 1, 1_000_000, integer=True)
-    if len(ids) + max_tokens > service.context:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens and {key} {max_tokens}: more than the model's context "
-                            f"of {service.context}", key, "context_length_exceeded")
+    max_tokens = number(body, key, 16 if not chat else max(min(256, room), 1), 0 if echo else 1, 1_000_000,
+                        integer=True)
+    if max_tokens > room:
+        raise ApiError(400, f"the prompt is {service.context - room} tokens and {key} {max_tokens}: more than the "
+                            f"model's context of {service.context}", key, "context_length_exceeded")
     sampling = Sampling(temperature=number(body, "temperature", 1.0, 0, 2),
                         top_p=number(body, "top_p", None, 0, 1),
                         seed=number(body, "seed", None, 0, 2**63 - 1, integer=True))
@@ -139,17 +201,38 @@ def parse_request(service: Service, body: dict, chat: bool) -> tuple[Job, str, t
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
-    return Job(ids, service.slots[name], max_tokens, sampling, stop), name, (stream, options.get("include_usage", False))
+    adapter = None if name == "base" else read_adapter(service, name)
+    jobs = [Job(ids, adapter, max_tokens, sampling, stop, logprobs=logprobs, echo=echo) for ids in prompts]
+    return Request(jobs, name, chat, stream, options.get("include_usage", False))
 
 
-@dataclass
+def read_adapter(service: Service, name: str):
+    if service.bank is None:
+        raise ApiError(404, f"model {name!r} is not served here; GET /v1/models lists them", "model",
+                       "model_not_found")
+    try:
+        return service.bank.read(name)
+    except UnknownAdapter as e:
+        raise ApiError(404, str(e), "model", "model_not_found") from None
+    except UserError as e:   # a damaged file, another base's adapter, one the bank cannot hold
+        raise ApiError(400, f"model {name!r} cannot be loaded: {e}", "model", "adapter_load_failed") from None
+
+
+def token_text(tokenizer: Tokenizer, previous: int | None, token: int) -> str:
+    """The text `token` adds after `previous` (decoded together: SentencePiece's leading space)."""
+    if previous is None:
+        return tokenizer.decode([token], skip_special_tokens=True)
+    return tokenizer.decode([previous, token], skip_special_tokens=True)[
+        len(tokenizer.decode([previous], skip_special_tokens=True)):]
+
+
 class Reply:
-    """The OpenAI response objects for one job: whole, or as stream chunks."""
-    model: str
-    chat: bool
-    job: Job
+    """The OpenAI response objects for a request's jobs: whole, or as stream chunks."""
 
-    def __post_init__(self):
+    def __init__(self, request: Request, tokenizer: Tokenizer):
+        self.request, self.tokenizer = request, tokenizer
+        self.model, self.chat = request.name, request.chat
+        self.job = request.jobs[0]
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -162,17 +245,58 @@ class Reply:
         return "text_completion"
 
     def usage(self) -> dict:
-        prompt, completion = len(self.job.prompt), len(self.job.tokens)
+        prompt = sum(len(job.prompt) for job in self.request.jobs)
+        completion = sum(len(job.tokens) for job in self.request.jobs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def whole(self) -> dict:
-        job = self.job
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": job.text}}
-        else:
-            choice = {"index": 0, "text": job.text}
-        return {**self.head(self.kind()), "choices": [{**choice, "logprobs": None, "finish_reason": job.finish_reason}],
-                "usage": self.usage()}
+        choices = []
+        for index, job in enumerate(self.request.jobs):
+            if self.chat:
+                choice = {"index": index, "message": {"role": "assistant", "content": job.text}, "logprobs": None}
+            else:
+                prompt_text = "".join(self.strings(job.prompt, None)) if job.echo else ""
+                choice = {"index": index, "text": prompt_text + job.text,
+                          "logprobs": None if job.logprobs is None else self.logprobs(job)}
+            choices.append({**choice, "finish_reason": job.finish_reason})
+        return {**self.head(self.kind()), "choices": choices, "usage": self.usage()}
+
+    def strings(self, tokens: list[int], previous: int | None) -> list[str]:
+        return [token_text(self.tokenizer, before, token)
+                for before, token in zip([previous] + tokens[:-1], tokens)]
+
+    def logprobs(self, job: Job) -> dict:
+        """OpenAI's logprobs object: each token's text, its log-probability, its `logprobs` most
+        likely alternatives and where its text starts (the echoed prompt's tokens first)."""
+        prompt_strings = self.strings(job.prompt, None)
+        start, end = len("".join(prompt_strings)), len("".join(prompt_strings)) + len(job.text)
+        entries = []   # (text, token, log-probability, alternatives, previous token)
+        previous = [None] + job.prompt[:-1]
+        if job.echo:
+            entries += [(text, *scored, before) for text, scored, before in
+                        zip(prompt_strings, job.prompt_scores, previous)]
+        completion = job.tokens[:len(job.scores)]
+        entries += [(text, *scored, before) for text, scored, before in
+                    zip(self.strings(completion, job.prompt[-1]), job.scores, [job.prompt[-1]] + completion[:-1])]
+        offset = 0 if job.echo else start
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for i, (text, token, logprob, top, before) in enumerate(entries):
+            if offset > end:   # past a stop string that cut the text
+                break
+            out["tokens"].append(text)
+            out["token_logprobs"].append(logprob)
+            out["top_logprobs"].append(None if top is None else self.alternatives(top, before))
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def alternatives(self, top: list[tuple[int, float]], previous: int | None) -> dict[str, float]:
+        """{text: log-probability} of the most likely tokens; where two tokens read the same (half
+        characters), the likelier one's."""
+        out = {}
+        for token, logprob in top:
+            out.setdefault(token_text(self.tokenizer, previous, token), logprob)
+        return out
 
     def chunk(self, text: str, reason: str | None, first: bool = False) -> dict:
         if self.chat:
@@ -183,48 +307,133 @@ class Reply:
         return {**self.head(self.kind("chunk")), "choices": [{**choice, "logprobs": None, "finish_reason": reason}]}
 
 
+class Server(ThreadingHTTPServer):
+    """The standard library's threaded server with a listen backlog and a cap on open connections."""
+    daemon_threads = False   # server_close() waits for the requests in flight
+
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int):
+        self.request_queue_size = max_connections   # the backlog: a burst waits here, not reset
+        self.max_connections, self.open_connections = max_connections, 0
+        self.lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        with self.lock:
+            self.open_connections += 1
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self.open_connections -= 1
+
+    def over_capacity(self) -> bool:
+        return self.open_connections > self.max_connections
+
+
 class Handler(BaseHTTPRequestHandler):
     service: Service   # set on the subclass that main() makes
     timeout = 30       # seconds a client may stall mid-request: shutdown never waits on it for ever
+    default_request_version = "HTTP/1.0"   # a request line that is not HTTP still gets a status line
     MAX_BODY = 8 * 2**20
+
+    def setup(self) -> None:
+        super().setup()
+        self.over_capacity = self.server.over_capacity()   # answered 503 after its request is read
+        if self.over_capacity:
+            self.connection.settimeout(5)
 
     def do_GET(self) -> None:
         path = self.path.split("?")[0]
-        if path == "/v1/models":
-            return self.send_json(200, {"object": "list", "data": [self.model_card(n) for n in self.service.slots]})
-        if path.startswith("/v1/models/") and path.removeprefix("/v1/models/") in self.service.slots:
-            return self.send_json(200, self.model_card(path.removeprefix("/v1/models/")))
         if path == "/health":
             return self.send_json(200, self.service.scheduler.load())
+        if path == "/metrics":
+            return self.send_text(200, self.service.metrics.render(), "text/plain; version=0.0.4")
+        try:
+            self.check_key(path)
+        except ApiError as e:
+            return self.refuse(e)
+        names = self.service.names()
+        if path == "/v1/models":
+            return self.send_json(200, {"object": "list", "data": [self.model_card(n) for n in names]})
+        if path.startswith("/v1/models/") and path.removeprefix("/v1/models/") in names:
+            return self.send_json(200, self.model_card(path.removeprefix("/v1/models/")))
         self.refuse(ApiError(404, f"no route GET {path}"))
 
     def do_POST(self) -> None:
         path = self.path.split("?")[0]
-        if path not in ("/v1/completions", "/v1/chat/completions"):
-            return self.refuse(ApiError(404, f"no route POST {path}"))
-        started = time.perf_counter()
+        started, body = time.perf_counter(), None
         try:
-            job, name, (stream, usage) = parse_request(self.service, self.read_body(), path.endswith("chat/completions"))
-            if not self.service.scheduler.submit(job):
+            body = self.read_body()
+            if self.over_capacity:
+                raise ApiError(503, f"the server has {self.server.max_connections} connections open; retry later")
+            self.check_key(path)
+            if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+                return self.change_adapters(path, body)
+            if path not in ("/v1/completions", "/v1/chat/completions"):
+                raise ApiError(404, f"no route POST {path}")
+            request = parse_request(self.service, body, path.endswith("chat/completions"))
+            submitted = [job for job in request.jobs if self.service.scheduler.submit(job)]
+            if len(submitted) < len(request.jobs):
+                for job in submitted:
+                    job.cancelled.set()
                 raise ApiError(503, "the server is busy or stopping (queue full); retry later")
         except ApiError as e:
-            return self.refuse(e)
+            return self.refuse(e, body.get("model") if body else None)
         except Exception as e:  # a bug: the client still gets an answer, the server goes on
             return self.refuse(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
-        reply = Reply(name, path.endswith("chat/completions"), job)
+        reply = Reply(request, self.service.tokenizer)
         try:
-            if stream:
-                self.stream(reply, usage)
+            if request.stream:
+                self.stream(reply, request.usage_in_stream)
             else:
                 self.answer(reply)
         except OSError:   # the client went away (or stalled past the timeout)
-            job.cancelled.set()
-        self.log_request_line(name, job, started)
+            for job in request.jobs:
+                job.cancelled.set()
+        for job in request.jobs:
+            self.log_request_line(request.name, job, started)
 
     def do_PUT(self) -> None:
         self.refuse(ApiError(405, f"method {self.command} is not allowed here"))
 
     do_DELETE = do_PATCH = do_PUT
+
+    def check_key(self, path: str) -> None:
+        """With --api-key, every /v1 route needs `Authorization: Bearer KEY` (/health and
+        /metrics do not, as in vLLM)."""
+        key = self.service.api_key
+        if key is None or not path.startswith("/v1/"):
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    def change_adapters(self, path: str, body: dict) -> None:
+        bank = self.service.bank
+        if not self.service.runtime_loading or bank is None:
+            raise ApiError(404, f"{path} is off: start serve.py with --allow-runtime-loading (and adapters)")
+        name = body.get("lora_name")
+        if not isinstance(name, str):
+            raise ApiError(400, "'lora_name' must be a string", "lora_name")
+        try:
+            if path.endswith("/load_lora_adapter"):
+                if not isinstance(body.get("lora_path"), str):
+                    raise ApiError(400, "'lora_path' must be a string", "lora_path")
+                bank.add(name, Path(body["lora_path"]))
+                message = f"adapter {name!r} loaded"
+            else:
+                bank.remove(name)
+                message = f"adapter {name!r} unloaded"
+        except UnknownAdapter as e:
+            raise ApiError(404, str(e), "lora_name") from None
+        except UserError as e:
+            raise ApiError(400, str(e), "lora_name") from None
+        print(message, file=sys.stderr, flush=True)
+        self.send_text(200, message, "text/plain")
 
     def model_card(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "para"}
@@ -246,11 +455,13 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def answer(self, reply: Reply) -> None:
-        while reply.job.events.get()[1] is None:
-            pass
-        if reply.job.finish_reason in ("error", "unavailable"):
-            status = 503 if reply.job.finish_reason == "unavailable" else 500
-            return self.send_json(status, ApiError(status, reply.job.text).body())
+        for job in reply.request.jobs:
+            while job.events.get()[1] is None:
+                pass
+        failed = [job for job in reply.request.jobs if job.finish_reason in ("error", "unavailable")]
+        if failed:
+            status = 503 if failed[0].finish_reason == "unavailable" else 500
+            return self.refuse(ApiError(status, failed[0].text), reply.model)
         self.send_json(200, reply.whole())
 
     def stream(self, reply: Reply, usage: bool) -> None:
@@ -277,17 +488,36 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
         self.wfile.flush()
 
-    def send_json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        self.send_text(status, json.dumps(payload), "application/json", headers)
+
+    def send_text(self, status: int, text: str, kind: str, headers: dict | None = None) -> None:
+        data = text.encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
-    def refuse(self, error: ApiError) -> None:
-        print(f"{self.command} {self.path} status={error.status} error={str(error)!r}", file=sys.stderr, flush=True)
-        self.send_json(error.status, error.body())
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's errors (a request line that is not HTTP, a header too long) as
+        OpenAI's JSON, not its HTML page."""
+        self.close_connection = True
+        self.refuse(ApiError(code, message or HTTPStatus(code).phrase))
+
+    def refuse(self, error: ApiError, model: object = None) -> None:
+        print(f"{self.command} {getattr(self, 'path', '')} status={error.status} error={str(error)!r}",
+              file=sys.stderr, flush=True)
+        model = model if isinstance(model, str) and model in self.service.names() else "unknown"
+        self.service.metrics.count("para_requests_total", model=model,
+                                   outcome=OUTCOMES.get(error.status, "bad_request" if error.status < 500 else "error"))
+        headers = {"Retry-After": RETRY_AFTER} if error.status == 503 else None
+        try:
+            self.send_json(error.status, error.body(), headers)
+        except OSError:
+            pass   # the client is gone
 
     def log_request_line(self, name: str, job: Job, started: float) -> None:
         done = job.finished_at or time.perf_counter()
@@ -297,6 +527,15 @@ class Handler(BaseHTTPRequestHandler):
         print(f"{self.command} {self.path} model={name} prompt_tokens={len(job.prompt)} "
               f"completion_tokens={len(job.tokens)} ttft={ttft:.3f}s tokens/s={rate:.1f} finish={finish}",
               file=sys.stderr, flush=True)
+        metrics = self.service.metrics
+        metrics.count("para_requests_total", model=name, outcome=finish)
+        metrics.count("para_prompt_tokens_total", len(job.prompt), model=name)
+        metrics.count("para_completion_tokens_total", len(job.tokens), model=name)
+        if job.first_token_at is not None:
+            metrics.observe("para_time_to_first_token_seconds", ttft)
+            if len(job.tokens) > 1:
+                metrics.observe("para_time_per_output_token_seconds",
+                                (done - job.first_token_at) / (len(job.tokens) - 1))
 
     def log_message(self, format: str, *args) -> None:
         pass  # one line per request comes from log_request_line or refuse
@@ -309,11 +548,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="serve an adapter file from train.py, or a PEFT LoRA/(IA)^3 folder from "
                         "save_pretrained, as model NAME (repeatable)")
+    parser.add_argument("--adapter-dir", type=Path, default=None, metavar="DIR",
+                        help="serve every adapter in DIR (NAME.pt, NAME.safetensors, or a PEFT folder NAME/) as "
+                        "model NAME, files added while serving included")
+    parser.add_argument("--max-loaded", type=COUNT, default=16,
+                        help="adapters held in the model at once; the least recently used one that no row "
+                        "reads makes room for another")
+    parser.add_argument("--max-rank", type=COUNT, default=None,
+                        help="the largest rank the bank holds (default: the largest among the adapters at start)")
+    parser.add_argument("--allow-runtime-loading", action="store_true",
+                        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's names)")
+    parser.add_argument("--api-key", default=os.environ.get("PARA_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $PARA_API_KEY)")
+    parser.add_argument("--allow-no-auth", action="store_true",
+                        help="listen on an address other than loopback without --api-key")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     parser.add_argument("--max-batch", type=COUNT, default=16, help="rows decoded together at most")
     parser.add_argument("--max-queue", type=COUNT, default=64,
                         help="requests waiting at most; beyond it the server answers 503 at once")
+    parser.add_argument("--max-connections", type=COUNT, default=512,
+                        help="connections open at most (also the listen backlog); beyond it 503 at once")
     return parser.parse_args(argv)
 
 
@@ -329,21 +584,42 @@ def adapters_by_name(specs: list[str]) -> dict[str, Path]:
     return named
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def main() -> None:
     args = parse_args()
+    if not is_loopback(args.host) and not args.api_key and not args.allow_no_auth:
+        raise UserError(f"--host {args.host} is reachable from other machines: give --api-key KEY (or "
+                        "$PARA_API_KEY), or --allow-no-auth to serve without one")
     adapters = adapters_by_name(args.adapter)
     model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
-    if adapters:
-        install_bank(model, list(adapters.values()))   # slot i + 1 is the i-th adapter
-    scheduler = Scheduler(model, tokenizer, args.max_batch, args.max_queue, quantize=args.quantize)
-    slots = {"base": 0, **{name: i + 1 for i, name in enumerate(adapters)}}
-    handler = type("BoundHandler", (Handler,), {"service": Service(scheduler, tokenizer, slots,
-                                                                   model.config.max_position_embeddings)})
+    metrics = Metrics({})
+    bank = None
+    if adapters or args.adapter_dir or args.allow_runtime_loading:
+        events = {"read_seconds": lambda v: metrics.observe("para_adapter_read_seconds", v),
+                  "load": lambda v: metrics.count("para_adapter_loads_total"),
+                  "eviction": lambda v: metrics.count("para_adapter_evictions_total")}
+        bank = AdapterBank(model, args.max_loaded, adapters, args.adapter_dir, args.max_rank,
+                           on_event=lambda name, value=1: events[name](value))
+    scheduler = Scheduler(model, tokenizer, args.max_batch, args.max_queue, quantize=args.quantize, bank=bank)
+    metrics.gauges.update({
+        "para_queue_depth": lambda: scheduler.load()["waiting"], "para_running_rows": lambda: scheduler.load()["running"],
+        "para_open_connections": lambda: server.open_connections,
+        "para_adapters_loaded": lambda: 0 if bank is None else sum(k is not None for k in bank.keys)})
+    service = Service(scheduler, tokenizer, bank, model.config.max_position_embeddings, metrics, args.api_key,
+                      args.allow_runtime_loading)
+    handler = type("BoundHandler", (Handler,), {"service": service})
     try:
-        server = ThreadingHTTPServer((args.host, args.port), handler)
+        server = Server((args.host, args.port), handler, args.max_connections)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port") from None
-    server.daemon_threads = False   # server_close() waits for the requests in flight
     scheduler.start()
 
     def stop(signum, frame) -> None:
@@ -355,7 +631,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.server_address[:2]
-    print(f"serving {', '.join(slots)} on http://{host}:{port}/v1", flush=True)
+    names = service.names()
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    print(f"serving {shown} on http://{host}:{port}/v1", flush=True)
     server.serve_forever()
     scheduler.stop()        # the queued and running jobs are still answered
     server.server_close()   # joins the handler threads, which wait for their jobs

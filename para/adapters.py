@@ -125,8 +125,62 @@ def expected_shapes(config: ModelConfig, adapter: AdapterConfig) -> dict[str, tu
     return shapes
 
 
+def bank_layout(model: Transformer, configs: list[AdapterConfig]) -> list[AdapterConfig]:
+    """The bank that can hold every one of `configs`: one config per method present, with the
+    largest rank and (for the baselines) every site any of them adapts."""
+    pools = {config.pool or default_pool(model.config) for config in configs if config.method == "para"}
+    if len(pools) > 1:
+        raise UserError(f"PARA adapters with different pooling ({', '.join(sorted(pools))}) cannot share a batch")
+    layout = []
+    for method in METHODS:
+        same = [config for config in configs if config.method == method]
+        if not same:
+            continue
+        rank = max(config.rank for config in same)
+        if method == "para":
+            layout.append(AdapterConfig("para", rank, pool=pools.pop()))
+        else:
+            sites = tuple(s for s in SITES if any(s in config.targets for config in same))
+            layout.append(AdapterConfig(method, rank, targets=sites))
+    return layout
+
+
+def misfit(model: Transformer, layout: list[AdapterConfig], config: AdapterConfig) -> str | None:
+    """Why an adapter of `config` cannot go into a bank of `layout` (None when it can)."""
+    bank = next((b for b in layout if b.method == config.method), None)
+    if bank is None:
+        return f"the bank holds no {config.method} adapters"
+    if config.rank > bank.rank:
+        return f"its rank {config.rank} is above the bank's {bank.rank}"
+    if config.method == "para" and (config.pool or default_pool(model.config)) != bank.pool:
+        return f"it pools {config.pool}, the bank's PARA adapters {bank.pool}"
+    missing = [site for site in config.targets if site not in bank.targets]
+    return f"the bank adapts no {','.join(missing)}" if missing else None
+
+
+def make_bank(model: Transformer, layout: list[AdapterConfig], n: int) -> None:
+    """Give the model n empty slots of each method in `layout` (every slot the base model)."""
+    remove_adapters(model)
+    for config in layout:
+        _attach(model, config, n)
+    for slot in range(n):
+        clear_slot(model, slot)
+
+
+@torch.no_grad()
+def clear_slot(model: Transformer, slot: int) -> None:
+    """Make `slot` of every installed bank the base model again (vectors 1, updates 0)."""
+    for name, p in model.named_parameters():
+        if name.endswith((".vg.b_up", ".ia3")):
+            p[slot] = 1.0
+        elif is_adapter_parameter(name):
+            p[slot] = 0.0
+
+
 def load_slot(model: Transformer, slot: int, config: AdapterConfig, state: dict[str, torch.Tensor]) -> None:
-    """Copy one adapter's tensors (named as `expected_shapes` says) into `slot` of the model's banks."""
+    """Put one adapter's tensors (named as `expected_shapes` says) into `slot` of the model's banks,
+    whatever the slot held before."""
+    clear_slot(model, slot)
     for i, block in enumerate(model.layers):
         if config.method == "para":
             block.vg.set_slot(slot, *(state[f"layers.{i}.vg.{t}"][0] for t in ("w_down", "w_up", "b_up")))
@@ -148,35 +202,10 @@ def install(model: Transformer, adapters: list[tuple[AdapterConfig, dict[str, to
     another method fills, it is the identity (vectors 1, update 0), as is slot 0."""
     if not bank and len(adapters) != 1:
         raise ValueError("without a bank, install exactly one adapter")
-    pools = {config.pool or default_pool(model.config) for config, _ in adapters if config.method == "para"}
-    if len(pools) > 1:
-        raise UserError(f"PARA adapters with different pooling ({', '.join(sorted(pools))}) cannot share a batch")
-    remove_adapters(model)
     first = 1 if bank else 0
-    n = len(adapters) + first
-    for method in METHODS:
-        configs = [config for config, _ in adapters if config.method == method]
-        if not configs:
-            continue
-        rank = max(c.rank for c in configs)
-        if method == "para":
-            bank = AdapterConfig("para", rank, pool=pools.pop())
-        else:  # every site any of them adapts
-            bank = AdapterConfig(method, rank, targets=tuple(s for s in SITES if any(s in c.targets for c in configs)))
-        _attach(model, bank, n)
-        _identity(model, method)
+    make_bank(model, bank_layout(model, [config for config, _ in adapters]), len(adapters) + first)
     for slot, (config, state) in enumerate(adapters, start=first):
         load_slot(model, slot, config, state)
-
-
-@torch.no_grad()
-def _identity(model: Transformer, method: str) -> None:
-    """Make every slot of a fresh bank of `method` the base model."""
-    for name, p in model.named_parameters():
-        if method == "para" and name.endswith(".vg.b_up"):
-            p.fill_(1.0)
-        elif (method == "para" and ".vg." in name) or (method == "lora" and name.endswith(("lora_a", "lora_b"))):
-            p.zero_()  # (IA)^3's vectors start at 1 already
 
 
 def is_adapter_parameter(name: str) -> bool:

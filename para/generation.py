@@ -84,14 +84,22 @@ def prefill(model: Transformer, prompts: list[list[int]], max_new_tokens: int, p
     Left padding puts every prompt's end at the last position: PARA's vectors are made there,
     once, and kept in the cache. The cache comes from `decoder` where given (a compiled one
     makes caches of the sizes it compiled for)."""
+    cache, hidden = prefill_hidden(model, prompts, max_new_tokens, pad_id, which, decoder)
+    return cache, model.logits(hidden[:, -1])   # the last position's only: the others are not needed
+
+
+def prefill_hidden(model: Transformer, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0,
+                   which: list[int] | None = None, decoder: FastDecoder | None = None
+                   ) -> tuple[KVCache, torch.Tensor]:
+    """prefill, returning the hidden states of every position (B, T, d_model) (for callers that
+    score the prompt's tokens too); prompt i's are the last len(prompts[i])."""
     if decoder is not None and decoder.model is not model:
         raise ValueError("the decoder was made for another model")
     ids, mask = left_pad(prompts, pad_id, model.device)
     rows = None if which is None else torch.tensor(which, device=model.device)
     cache = (decoder or model).new_cache(len(prompts), ids.shape[1] + max_new_tokens, which=rows)
     prompt_end = torch.full((len(prompts),), ids.shape[1] - 1, device=model.device)
-    hidden = model.hidden(ids, attention_mask=mask, cache=cache, prompt_end=prompt_end)
-    return cache, model.logits(hidden[:, -1])   # the last position's only: the others are not needed
+    return cache, model.hidden(ids, attention_mask=mask, cache=cache, prompt_end=prompt_end)
 
 
 def _sync(device: torch.device) -> float:

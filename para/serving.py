@@ -1,11 +1,12 @@
 """Continuous batching for many tenants: requests for different adapters decode together.
 
-One Scheduler thread owns the model, which holds every served adapter in one bank (row i of a
-batch uses slot which[i]; slot 0 is the base model). Requests wait in a bounded queue. Between
-two decoding steps the scheduler prefills the newcomers together, joins their cache rows and
-PARA vectors to the running batch (KVCache.join), samples one token for every row with that
-row's own settings, hands each row's new text to its request, and lets finished rows leave.
-PARA rows cost nothing extra per step; (IA)^3 and LoRA rows gather their own slot's weights.
+One Scheduler thread owns the model, which holds the adapters in use in one bank of slots (row
+i of a batch uses slot which[i]; slot 0 is the base model; para/adapter_bank.py fills the slots
+on demand). Requests wait in a bounded queue. Between two decoding steps the scheduler gives
+the newcomers slots, prefills them together, joins their cache rows and PARA vectors to the
+running batch (KVCache.join), samples one token for every row with that row's own settings,
+hands each row's new text to its request, and lets finished rows leave. PARA rows cost
+nothing extra per step; (IA)^3 and LoRA rows gather their own slot's weights.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from para.generation import GREEDY_BELOW, Sampling, prefill, sample
+from para.adapter_bank import Adapter, AdapterBank
+from para.generation import GREEDY_BELOW, Sampling, prefill_hidden, sample
 from para.cache import KVCache
 from para.fast import FastDecoder
 from para.model import Transformer
@@ -29,10 +31,13 @@ class Job:
     handler: pieces of new text with None, then a last item with the reason: "stop", "length",
     "error" (the text is the message), "unavailable" (the server stopped before it began)."""
     prompt: list[int]
-    slot: int                                    # the adapter's slot in the bank (0 = base model)
-    max_tokens: int
+    adapter: Adapter | None                      # None: the base model
+    max_tokens: int                              # 0: score the prompt only (with echo)
     sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None                  # score each token and its `logprobs` best alternatives
+    echo: bool = False                           # score the prompt's tokens too
+    slot: int = 0                                # its slot in the bank while it holds one
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)   # the client went away
     tokens: list[int] = field(default_factory=list)
@@ -44,6 +49,9 @@ class Job:
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None
+    prompt_scores: list = field(default_factory=list)   # (token, log-probability, top [(token, lp)]) per prompt token
+    scores: list = field(default_factory=list)          # the same per new token
+
 
 
 class Scheduler(threading.Thread):
@@ -51,13 +59,14 @@ class Scheduler(threading.Thread):
     every running row one token per step, and answers each job through its `events`."""
 
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 quantize: str | None = None):
+                 quantize: str | None = None, bank: AdapterBank | None = None):
         super().__init__(name="scheduler", daemon=True)
-        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.model, self.tokenizer, self.max_batch, self.bank = model, tokenizer, max_batch, bank
         self.decoder = FastDecoder(model, quantize=quantize)
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.running: list[Job] = []       # one per row of the cache, in order
-        self.admitting: list[Job] = []     # taken from the queue, being prefilled
+        self.deferred: list[Job] = []      # taken from the queue, waiting for a slot in the bank
+        self.admitting: list[Job] = []     # given a slot, being prefilled
         self.cache: KVCache | None = None
         self.logits: torch.Tensor | None = None   # (rows, vocab): each row's next-token logits
         self.eos = set(tokenizer.eos_ids)
@@ -75,7 +84,7 @@ class Scheduler(threading.Thread):
             return False
 
     def load(self) -> dict:
-        return {"running": len(self.running), "waiting": self.waiting.qsize()}
+        return {"running": len(self.running), "waiting": self.waiting.qsize() + len(self.deferred)}
 
     def stop(self) -> None:
         """Take no new jobs; the thread ends once the queued and running ones are answered."""
@@ -92,6 +101,8 @@ class Scheduler(threading.Thread):
                 traceback.print_exc()
                 for job in self.running + self.admitting:
                     self.fail(job, f"internal error: {type(error).__name__}: {error}")
+                for job in self.admitting:
+                    self.unpin(job)
                 self.admitting = []
                 self.leave([])
         while not self.waiting.empty():  # submitted in the moment the server began to stop
@@ -100,7 +111,9 @@ class Scheduler(threading.Thread):
     def step(self) -> None:
         """One token for every running row, then one decoding step for the rows that go on."""
         tokens = self.sample_all()
-        for job, token in zip(self.running, tokens):
+        for row, (job, token) in enumerate(zip(self.running, tokens)):
+            if job.logprobs is not None:
+                job.scores.append(score(self.logits[row], token, job.logprobs))
             self.extend(job, token)
         keep = [i for i, job in enumerate(self.running) if job.finish_reason is None]
         self.leave(keep)
@@ -109,30 +122,61 @@ class Scheduler(threading.Thread):
             self.logits = self.decoder.step(next_tokens, self.cache)
 
     def admit(self) -> None:
-        """Prefill the waiting jobs that fit and join them to the running batch."""
-        if len(self.running) >= self.max_batch:
+        """Give the waiting jobs that fit a slot, prefill them and join them to the running batch."""
+        room = self.max_batch - len(self.running)
+        if room <= 0:
             return
+        candidates, self.deferred = self.deferred, []
         try:
-            self.admitting.append(self.waiting.get(timeout=0.05) if not self.running else self.waiting.get_nowait())
-            while len(self.running) + len(self.admitting) < self.max_batch:
-                self.admitting.append(self.waiting.get_nowait())
+            if not self.running and not candidates:
+                candidates.append(self.waiting.get(timeout=0.05))
+            while len(candidates) < room:
+                candidates.append(self.waiting.get_nowait())
         except queue.Empty:
             pass
-        newcomers = [job for job in self.admitting if not self.finish_if_cancelled(job)]
+        for job in candidates:
+            if self.finish_if_cancelled(job):
+                continue
+            slot = 0 if job.adapter is None else self.bank.place(job.adapter)
+            if slot is None:   # every slot is read by a running row: wait for one to leave
+                self.deferred.append(job)
+            else:
+                job.slot = slot
+                self.admitting.append(job)
+        newcomers = self.admitting
         if newcomers:
-            cache, logits = prefill(self.model, [job.prompt for job in newcomers],
-                                    max(job.max_tokens for job in newcomers), self.pad_id,
-                                    which=[job.slot for job in newcomers], decoder=self.decoder)
-            if self.running:
-                room = max(job.max_tokens - len(job.tokens) for job in self.running + newcomers)
-                cache = self.cache.join(cache, max_len=max(self.cache.pos, cache.pos) + room)
-                logits = torch.cat((self.logits, logits))
-            for job in newcomers:
+            cache, hidden = prefill_hidden(self.model, [job.prompt for job in newcomers],
+                                           max(job.max_tokens for job in newcomers), self.pad_id,
+                                           which=[job.slot for job in newcomers], decoder=self.decoder)
+            logits = self.model.logits(hidden[:, -1])
+            for row, job in enumerate(newcomers):
                 job.decoder = self.tokenizer.stream()
                 if job.sampling.seed is not None:
                     job.generator = torch.Generator(self.model.device).manual_seed(job.sampling.seed)
-            self.cache, self.logits = cache, logits
-            self.running += newcomers
+                if job.echo and job.logprobs is not None:
+                    job.prompt_scores = prompt_scores(self.model, hidden[row, -len(job.prompt):], job.prompt,
+                                                      job.logprobs)
+                if job.adapter is not None and job.adapter.config.method == "para":
+                    cache.rows.which[row] = 0   # its vectors are in the cache: its slot is free again
+                    self.unpin(job)
+                if job.max_tokens == 0:
+                    self.finish(job, "length")
+            keep = [row for row, job in enumerate(newcomers) if job.finish_reason is None]
+            for job in newcomers:
+                if job.finish_reason is not None:
+                    self.unpin(job)
+            if len(keep) < len(newcomers) and keep:
+                index = torch.tensor(keep, device=self.model.device)
+                cache.reorder(index)
+                logits = logits.index_select(0, index)
+            newcomers = [newcomers[row] for row in keep]
+            if newcomers and self.running:
+                room = max(job.max_tokens - len(job.tokens) for job in self.running + newcomers)
+                cache = self.cache.join(cache, max_len=max(self.cache.pos, cache.pos) + room)
+                logits = torch.cat((self.logits, logits))
+            if newcomers:
+                self.cache, self.logits = cache, logits
+                self.running += newcomers
         self.admitting = []
 
     def sample_all(self) -> list[int]:
@@ -184,10 +228,17 @@ class Scheduler(threading.Thread):
             return True
         return False
 
+    def unpin(self, job: Job) -> None:
+        if job.slot:
+            self.bank.release(job.slot)
+            job.slot = 0
+
     def leave(self, keep: list[int]) -> None:
         """Only the rows at `keep` go on; the cache rows of the others are dropped."""
         if len(keep) == len(self.running) and keep:
             return
+        for row in set(range(len(self.running))) - set(keep):
+            self.unpin(self.running[row])
         self.running = [self.running[i] for i in keep]
         if keep:
             index = torch.tensor(keep, device=self.model.device)
@@ -195,3 +246,18 @@ class Scheduler(threading.Thread):
             self.logits = self.logits.index_select(0, index)
         else:
             self.cache = self.logits = None
+
+
+def score(logits: torch.Tensor, token: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token, its log-probability, the `top` most likely tokens with theirs) from one position's
+    logits (V,): the model's own distribution, before temperature or top-p."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = logp.topk(top) if top else None
+    return token, logp[token].item(), [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))
+
+
+def prompt_scores(model: Transformer, hidden: torch.Tensor, prompt: list[int], top: int) -> list:
+    """score() for each prompt token from the hidden states (T, d_model) of the positions before
+    it; the first token has none (None, as OpenAI gives)."""
+    logits = model.logits(hidden[:-1])
+    return [(prompt[0], None, None)] + [score(logits[t], prompt[t + 1], top) for t in range(len(prompt) - 1)]

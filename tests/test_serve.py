@@ -160,7 +160,9 @@ def test_stop_strings_usage_and_seeded_sampling(server):
     ("/v1/chat/completions", b'{"model": "lora", "messages": [{"role": "robot", "content": "x"}]}', 400, "messages"),
     ("/v1/chat/completions", b'{"model": "lora", "messages": []}', 400, "messages"),
     ("/v1/completions", b'{"model": "para", "prompt": "\\ud800"}', 400, "prompt"),
-    ("/v1/completions", b'{"model": "para", "prompt": "x", "logprobs": 3}', 400, "logprobs"),
+    ("/v1/completions", b'{"model": "para", "prompt": "x", "logprobs": 30}', 400, "logprobs"),
+    ("/v1/completions", b'{"model": "para", "prompt": "x", "echo": true, "stream": true}', 400, "stream"),
+    ("/v1/completions", b'{"model": "para", "prompt": [1, 100000]}', 400, "prompt"),
     ("/v1/nowhere", b"{}", 404, None),
 ])
 def test_bad_requests_get_4xx_and_the_server_goes_on(server, path, body, status, param):

@@ -1,0 +1,180 @@
+"""Thousands of tenants on one model: a catalog of adapter names and a bank of a few slots in
+the model that holds the adapters in use, filled on demand, least recently used out first.
+
+The names are those given at start (`--adapter NAME=PATH`), those loaded at run time, and every
+adapter in a folder (a file's stem, or a PEFT folder's name), looked up at each request so a
+file added while serving is served. An HTTP thread reads and checks the file (`read`) before
+its request is queued: a bad file is that request's 4xx, and the decoding thread never waits
+on a disk. Between two decoding steps the scheduler puts an adapter already in memory into a
+slot (`place`), a copy of a few MB.
+
+A row pins its slot while it may read it. A PARA row reads its slot only while its prompt is
+prefilled: its vectors are then in the cache and the row moves to slot 0 (`release`), so a
+PARA slot is free again once the prompt is read. A LoRA or (IA)^3 row reads its slot at every
+step and holds it until it leaves.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from para.adapter_files import SAFETENSORS, AdapterError, read_for
+from para.adapters import AdapterConfig, bank_layout, load_slot, make_bank, misfit
+from para.errors import UserError
+from para.model import Transformer
+from para.peft_format import CONFIG as PEFT_CONFIG
+
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")   # a model name that is also a safe file name
+SUFFIXES = (".pt", SAFETENSORS)
+
+
+class UnknownAdapter(UserError):
+    """A model name that names no adapter."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter read into memory, ready for a slot."""
+    name: str
+    key: tuple                     # (path, modification time): a changed file is another adapter
+    config: AdapterConfig
+    state: dict[str, torch.Tensor]
+
+
+class AdapterBank:
+    def __init__(self, model: Transformer, slots: int, named: dict[str, Path], folder: Path | None = None,
+                 max_rank: int | None = None, on_event=lambda name, value=1: None):
+        """`slots` places for adapters (slot 0, the base model, is extra). `on_event(name, value)`
+        reports "read_seconds", "load" and "eviction" (for /metrics)."""
+        self.model, self.folder, self.on_event = model, folder, on_event
+        self.named = {name: Path(path).resolve() for name, path in named.items()}   # --adapter and run-time loads
+        self.lock = threading.Lock()   # guards `named` (HTTP threads add and remove names)
+        for name in self.named:
+            check_name(name)
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"--adapter-dir {folder}: not a folder")
+        self.layout: list[AdapterConfig] | None = None   # what the bank can hold, once made
+        self.keys: list[tuple | None] = []                 # what each slot holds
+        start = [self.read(name) for name in self.named]   # a bad file named at start stops the server
+        start += [a for a in map(self.read_or_warn, self.folder_names()) if a is not None]
+        configs = [a.config for a in start] or [AdapterConfig("para", max_rank or AdapterConfig.rank)]
+        if max_rank:   # room for larger adapters added later
+            configs += [AdapterConfig(c.method, max(c.rank, max_rank), pool=c.pool, targets=c.targets)
+                        for c in configs if c.method != "ia3"]
+        self.layout = bank_layout(model, configs)
+        make_bank(model, self.layout, slots + 1)
+        self.keys = [None] * (slots + 1)
+        self.last_used = [0.0] * (slots + 1)
+        self.pins = [0] * (slots + 1)                      # rows that may read each slot
+        for adapter in start[:slots]:   # fill the slots while they are free
+            self.release(self.place(adapter))
+
+    def folder_names(self) -> list[str]:
+        if self.folder is None:
+            return []
+        names = {path.stem if path.is_file() else path.name for path in self.folder.iterdir()
+                 if NAME.fullmatch(path.name) and (path.suffix in SUFFIXES and path.is_file()
+                                                   or (path / PEFT_CONFIG).is_file())}
+        return sorted(names)
+
+    def names(self) -> list[str]:
+        """Every name served: "base", those named at start or loaded at run time, then the folder's."""
+        with self.lock:
+            named = list(self.named)
+        return ["base", *named, *(n for n in self.folder_names() if n not in named)]
+
+    def path_of(self, name: str) -> Path:
+        with self.lock:
+            if name in self.named:
+                return self.named[name]
+        if self.folder is not None and NAME.fullmatch(name):
+            found = [p for p in (self.folder / (name + s) for s in SUFFIXES) if p.is_file()]
+            found += [p for p in [self.folder / name] if (p / PEFT_CONFIG).is_file()]
+            if len(found) > 1:
+                raise AdapterError(f"{self.folder}: {' and '.join(p.name for p in found)} both name {name!r}; "
+                                   "keep one")
+            if found:
+                return found[0].resolve()
+        raise UnknownAdapter(f"model {name!r} is not served here; GET /v1/models lists them")
+
+    def read(self, name: str) -> Adapter:
+        """The adapter `name`, read and checked against the model and the bank (an HTTP thread
+        calls this; each file is read once per change, see read_for)."""
+        return self._read(name, self.path_of(name))
+
+    def read_or_warn(self, name: str) -> Adapter | None:
+        try:
+            return self.read(name)
+        except UserError as e:
+            print(f"warning: {e}", file=sys.stderr)
+            return None
+
+    def add(self, name: str, path: Path) -> Adapter:
+        """Serve `path` as `name` from now on (a run-time load); it is read and checked first."""
+        check_name(name)
+        if name in self.names():
+            raise UserError(f"the name {name!r} is taken; unload it first")
+        adapter = self._read(name, Path(path).resolve())
+        with self.lock:
+            self.named[name] = Path(path).resolve()
+        return adapter
+
+    def _read(self, name: str, path: Path) -> Adapter:
+        start = time.perf_counter()
+        config, state = read_for(self.model, path)
+        reason = self.layout and misfit(self.model, self.layout, config)
+        if reason:
+            raise AdapterError(f"{path}: does not fit the bank serve.py made at start ({reason}); restart it "
+                               "with this adapter in --adapter-dir, or with a larger --max-rank")
+        key = (path, path.stat().st_mtime_ns)
+        if key not in self.keys:   # a load is coming: how long the read took
+            self.on_event("read_seconds", time.perf_counter() - start)
+        return Adapter(name, key, config, state)
+
+    def remove(self, name: str) -> None:
+        """Stop serving `name` (loaded at start or run time); rows already decoding finish."""
+        with self.lock:
+            if name not in self.named:
+                raise UnknownAdapter(f"{name!r} was not loaded by name (a file in --adapter-dir is removed by "
+                                     "deleting it)" if name in self.folder_names() else f"{name!r} is not loaded")
+            del self.named[name]
+
+    # The scheduler thread alone calls the methods below.
+
+    def place(self, adapter: Adapter) -> int | None:
+        """The slot holding `adapter`, now pinned for one more row: where it already is, else a
+        free slot or the least recently used unpinned one, loaded with it; None when every
+        slot is pinned (the row waits for one)."""
+        now = time.perf_counter()
+        if adapter.key in self.keys:
+            slot = self.keys.index(adapter.key)
+        else:
+            free = [s for s in range(1, len(self.keys)) if self.pins[s] == 0]
+            if not free:
+                return None
+            slot = min(free, key=lambda s: (self.keys[s] is not None, self.last_used[s]))
+            if self.keys[slot] is not None:
+                self.on_event("eviction")
+            load_slot(self.model, slot, adapter.config, adapter.state)
+            self.keys[slot] = adapter.key
+            self.on_event("load")
+        self.pins[slot] += 1
+        self.last_used[slot] = now
+        return slot
+
+    def release(self, slot: int) -> None:
+        """One row no longer reads `slot`."""
+        if slot:
+            self.pins[slot] -= 1
+
+
+def check_name(name: str) -> None:
+    if name == "base" or not NAME.fullmatch(name):
+        raise UserError(f"adapter name {name!r}: use letters, digits, '_', '.', '-' (not 'base')")
