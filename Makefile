@@ -49,7 +49,7 @@ bench: weights  ## prefill/decode speed of the default model on this machine
 bench-methods: weights  ## the paper's efficiency table: base, PARA, (IA)^3, LoRA; beams 1 and 3; multi-tenant batches
 	$(PY) bench/bench_methods.py
 
-bench-serve: weights  ## serve.py under load: 8 clients over 8 adapters, continuous batching vs one at a time, PARA vs LoRA
+bench-serve: weights  ## serve.py under load: 8 clients over 8 adapters (continuous batching vs one at a time, PARA vs LoRA); 1,000 PARA adapters under Zipf traffic, 16 slots vs all resident
 	$(PY) bench/bench_serve.py
 
 bench-quality: weights  ## PARA vs LoRA vs (IA)^3 on data/suite_*.jsonl, 3 seeds (about an hour on 2 cores), with a plot

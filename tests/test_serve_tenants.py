@@ -232,6 +232,8 @@ def test_logprobs_with_echo_are_the_models_log_softmax(server, tenants):
             assert top[0] == pytest.approx(best[0], abs=1e-4)
             assert all(min(abs(v - b) for b in best) < 1e-4 for v in top)
         assert got.text_offset[:2] == [0, len(got.tokens[0])]
+        # lm-evaluation-harness calls a continuation greedy when each token's log-probability is its top one's
+        assert all(got.token_logprobs[t] == max(got.top_logprobs[t].values()) for t in range(len(ids), len(sequence)))
     plain = server.client.completions.create(model="t0", prompt=PROMPTS[3], max_tokens=3, temperature=0, logprobs=0)
     assert len(plain.choices[0].logprobs.token_logprobs) == 3
     assert plain.choices[0].logprobs.text_offset[0] == len(PROMPTS[3])
