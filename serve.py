@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import ipaddress
+import itertools
 import json
 import os
 import signal
@@ -83,6 +84,9 @@ class Service:
     def names(self) -> list[str]:
         return ["base"] if self.bank is None else self.bank.names()
 
+    def serves(self, name: str) -> bool:
+        return name == "base" or (self.bank is not None and self.bank.knows(name))
+
 
 def number(body: dict, key: str, default, low: float, high: float, integer: bool = False):
     """body[key] as a number in [low, high], or `default` when absent or null."""
@@ -106,6 +110,16 @@ def text_of(content, where: str) -> str:
     if not is_text(content):
         raise ApiError(400, f"'{where}' holds an invalid Unicode escape (a lone surrogate)", where)
     return content
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
 
 
 def chat_ids(service: Service, body: dict) -> list[int]:
@@ -226,6 +240,16 @@ def token_text(tokenizer: Tokenizer, previous: int | None, token: int) -> str:
         len(tokenizer.decode([previous], skip_special_tokens=True)):]
 
 
+def pieces(tokenizer: Tokenizer, tokens: list[int]) -> list[str]:
+    """The text each token adds as the stream decoder emits it, so that they join into the
+    decoded text (a token that ends half a character adds "", the next one the whole character)."""
+    stream = tokenizer.stream()
+    out = [stream.push(token) for token in tokens]
+    if out:
+        out[-1] += stream.flush()
+    return out
+
+
 class Reply:
     """The OpenAI response objects for a request's jobs: whole, or as stream chunks."""
 
@@ -253,42 +277,36 @@ class Reply:
         choices = []
         for index, job in enumerate(self.request.jobs):
             if self.chat:
-                choice = {"index": index, "message": {"role": "assistant", "content": job.text}, "logprobs": None}
+                choice = {"message": {"role": "assistant", "content": job.text}, "logprobs": None}
             else:
-                prompt_text = "".join(self.strings(job.prompt, None)) if job.echo else ""
-                choice = {"index": index, "text": prompt_text + job.text,
-                          "logprobs": None if job.logprobs is None else self.logprobs(job)}
-            choices.append({**choice, "finish_reason": job.finish_reason})
+                choice = self.completion(job)
+            choices.append({"index": index, **choice, "finish_reason": job.finish_reason})
         return {**self.head(self.kind()), "choices": choices, "usage": self.usage()}
 
-    def strings(self, tokens: list[int], previous: int | None) -> list[str]:
-        return [token_text(self.tokenizer, before, token)
-                for before, token in zip([previous] + tokens[:-1], tokens)]
-
-    def logprobs(self, job: Job) -> dict:
-        """OpenAI's logprobs object: each token's text, its log-probability, its `logprobs` most
-        likely alternatives and where its text starts (the echoed prompt's tokens first)."""
-        prompt_strings = self.strings(job.prompt, None)
-        start, end = len("".join(prompt_strings)), len("".join(prompt_strings)) + len(job.text)
-        entries = []   # (text, token, log-probability, alternatives, previous token)
-        previous = [None] + job.prompt[:-1]
-        if job.echo:
-            entries += [(text, *scored, before) for text, scored, before in
-                        zip(prompt_strings, job.prompt_scores, previous)]
-        completion = job.tokens[:len(job.scores)]
-        entries += [(text, *scored, before) for text, scored, before in
-                    zip(self.strings(completion, job.prompt[-1]), job.scores, [job.prompt[-1]] + completion[:-1])]
-        offset = 0 if job.echo else start
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for i, (text, token, logprob, top, before) in enumerate(entries):
-            if offset > end:   # past a stop string that cut the text
-                break
-            out["tokens"].append(text)
-            out["token_logprobs"].append(logprob)
-            out["top_logprobs"].append(None if top is None else self.alternatives(top, before))
-            out["text_offset"].append(offset)
-            offset += len(text)
-        return out
+    def completion(self, job: Job) -> dict:
+        """A /v1/completions choice: the text (the prompt first, with echo) and OpenAI's logprobs:
+        each token's text, its log-probability, its most likely alternatives, where it starts."""
+        fresh = pieces(self.tokenizer, job.tokens)       # how job.text was made, before a stop string cut it
+        dropped = len("".join(fresh)) - len(job.text)     # the characters a stop string cut off
+        starts = list(itertools.accumulate(map(len, fresh), initial=0))[:-1]
+        kept = sum(start < len(job.text) for start in starts) if dropped else len(job.tokens)
+        if job.echo:   # prompt and completion decoded as one text: the completion's leading space stays
+            strings = pieces(self.tokenizer, job.prompt + job.tokens)
+            whole = "".join(strings)
+            text, offset = whole[:len(whole) - dropped], 0
+            strings = strings[:len(job.prompt) + kept]
+            scores, previous = job.prompt_scores + job.scores[:kept], [None] + job.prompt + job.tokens
+        else:
+            text, offset = job.text, len(self.tokenizer.decode(job.prompt, skip_special_tokens=True))
+            strings, scores, previous = fresh[:kept], job.scores[:kept], job.prompt[-1:] + job.tokens
+        if job.logprobs is None:
+            return {"text": text, "logprobs": None}
+        return {"text": text, "logprobs": {
+            "tokens": strings,
+            "token_logprobs": [logprob for _, logprob, _ in scores],
+            "top_logprobs": [None if top is None else self.alternatives(top, before)
+                             for (_, _, top), before in zip(scores, previous)],
+            "text_offset": list(itertools.accumulate(map(len, strings), initial=offset))[:-1]}}
 
     def alternatives(self, top: list[tuple[int, float]], previous: int | None) -> dict[str, float]:
         """{text: log-probability} of the most likely tokens; where two tokens read the same (half
@@ -305,6 +323,10 @@ class Reply:
         else:
             choice = {"index": 0, "text": text}
         return {**self.head(self.kind("chunk")), "choices": [{**choice, "logprobs": None, "finish_reason": reason}]}
+
+
+def outcome(job: Job) -> str:
+    return "cancelled" if job.cancelled.is_set() else job.finish_reason
 
 
 class Server(ThreadingHTTPServer):
@@ -366,10 +388,11 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         started, body = time.perf_counter(), None
         try:
-            body = self.read_body()
+            raw = self.read_raw_body()   # read before any refusal: closing on unread bytes resets the connection
             if self.over_capacity:
                 raise ApiError(503, f"the server has {self.server.max_connections} connections open; retry later")
             self.check_key(path)
+            body = parse_body(raw)
             if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
                 return self.change_adapters(path, body)
             if path not in ("/v1/completions", "/v1/chat/completions"):
@@ -395,6 +418,7 @@ class Handler(BaseHTTPRequestHandler):
                 job.cancelled.set()
         for job in request.jobs:
             self.log_request_line(request.name, job, started)
+        self.count_request(request)
 
     def do_PUT(self) -> None:
         self.refuse(ApiError(405, f"method {self.command} is not allowed here"))
@@ -438,7 +462,7 @@ class Handler(BaseHTTPRequestHandler):
     def model_card(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "para"}
 
-    def read_body(self) -> dict:
+    def read_raw_body(self) -> bytes:
         try:
             length = int(self.headers.get("Content-Length", 0))
         except ValueError:
@@ -447,12 +471,9 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(413 if length > 0 else 400, f"a body of {length} bytes is not accepted "
                                                       f"(at most {self.MAX_BODY})")
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
-        except (ValueError, RecursionError):
-            raise ApiError(400, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return body
+            return self.rfile.read(length)
+        except OSError:   # the client stalled past the timeout
+            raise ApiError(408, f"the body did not arrive within {self.connection.gettimeout():.0f} s") from None
 
     def answer(self, reply: Reply) -> None:
         for job in reply.request.jobs:
@@ -461,7 +482,7 @@ class Handler(BaseHTTPRequestHandler):
         failed = [job for job in reply.request.jobs if job.finish_reason in ("error", "unavailable")]
         if failed:
             status = 503 if failed[0].finish_reason == "unavailable" else 500
-            return self.refuse(ApiError(status, failed[0].text), reply.model)
+            return self.refuse(ApiError(status, failed[0].text), counted=True)   # do_POST counts it
         self.send_json(200, reply.whole())
 
     def stream(self, reply: Reply, usage: bool) -> None:
@@ -507,12 +528,13 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.refuse(ApiError(code, message or HTTPStatus(code).phrase))
 
-    def refuse(self, error: ApiError, model: object = None) -> None:
+    def refuse(self, error: ApiError, model: object = None, counted: bool = False) -> None:
         print(f"{self.command} {getattr(self, 'path', '')} status={error.status} error={str(error)!r}",
               file=sys.stderr, flush=True)
-        model = model if isinstance(model, str) and model in self.service.names() else "unknown"
-        self.service.metrics.count("para_requests_total", model=model,
-                                   outcome=OUTCOMES.get(error.status, "bad_request" if error.status < 500 else "error"))
+        if not counted:
+            known = model if isinstance(model, str) and self.service.serves(model) else "unknown"
+            kind = OUTCOMES.get(error.status, "bad_request" if error.status < 500 else "error")
+            self.service.metrics.count("para_requests_total", model=known, outcome=kind)
         headers = {"Retry-After": RETRY_AFTER} if error.status == 503 else None
         try:
             self.send_json(error.status, error.body(), headers)
@@ -523,19 +545,23 @@ class Handler(BaseHTTPRequestHandler):
         done = job.finished_at or time.perf_counter()
         ttft = (job.first_token_at or done) - started
         rate = max(len(job.tokens) - 1, 0) / max(done - (job.first_token_at or done), 1e-9)
-        finish = "cancelled" if job.cancelled.is_set() else job.finish_reason
         print(f"{self.command} {self.path} model={name} prompt_tokens={len(job.prompt)} "
-              f"completion_tokens={len(job.tokens)} ttft={ttft:.3f}s tokens/s={rate:.1f} finish={finish}",
+              f"completion_tokens={len(job.tokens)} ttft={ttft:.3f}s tokens/s={rate:.1f} finish={outcome(job)}",
               file=sys.stderr, flush=True)
-        metrics = self.service.metrics
-        metrics.count("para_requests_total", model=name, outcome=finish)
-        metrics.count("para_prompt_tokens_total", len(job.prompt), model=name)
-        metrics.count("para_completion_tokens_total", len(job.tokens), model=name)
         if job.first_token_at is not None:
-            metrics.observe("para_time_to_first_token_seconds", ttft)
+            self.service.metrics.observe("para_time_to_first_token_seconds", ttft)
             if len(job.tokens) > 1:
-                metrics.observe("para_time_per_output_token_seconds",
-                                (done - job.first_token_at) / (len(job.tokens) - 1))
+                self.service.metrics.observe("para_time_per_output_token_seconds",
+                                             (done - job.first_token_at) / (len(job.tokens) - 1))
+
+    def count_request(self, request: Request) -> None:
+        """para_requests_total by the request's outcome: the worst of its prompts'."""
+        outcomes = [outcome(job) for job in request.jobs]
+        worst = next((o for o in ("cancelled", "unavailable", "error", "length") if o in outcomes), outcomes[0])
+        metrics = self.service.metrics
+        metrics.count("para_requests_total", model=request.name, outcome=worst)
+        metrics.count("para_prompt_tokens_total", sum(len(job.prompt) for job in request.jobs), model=request.name)
+        metrics.count("para_completion_tokens_total", sum(len(job.tokens) for job in request.jobs), model=request.name)
 
     def log_message(self, format: str, *args) -> None:
         pass  # one line per request comes from log_request_line or refuse
@@ -600,19 +626,11 @@ def main() -> None:
                         "$PARA_API_KEY), or --allow-no-auth to serve without one")
     adapters = adapters_by_name(args.adapter)
     model, tokenizer = para.load(model_dir(args.model), args.device, args.dtype)
-    metrics = Metrics({})
+    metrics = Metrics()
     bank = None
     if adapters or args.adapter_dir or args.allow_runtime_loading:
-        events = {"read_seconds": lambda v: metrics.observe("para_adapter_read_seconds", v),
-                  "load": lambda v: metrics.count("para_adapter_loads_total"),
-                  "eviction": lambda v: metrics.count("para_adapter_evictions_total")}
-        bank = AdapterBank(model, args.max_loaded, adapters, args.adapter_dir, args.max_rank,
-                           on_event=lambda name, value=1: events[name](value))
+        bank = AdapterBank(model, args.max_loaded, adapters, args.adapter_dir, args.max_rank, metrics)
     scheduler = Scheduler(model, tokenizer, args.max_batch, args.max_queue, quantize=args.quantize, bank=bank)
-    metrics.gauges.update({
-        "para_queue_depth": lambda: scheduler.load()["waiting"], "para_running_rows": lambda: scheduler.load()["running"],
-        "para_open_connections": lambda: server.open_connections,
-        "para_adapters_loaded": lambda: 0 if bank is None else sum(k is not None for k in bank.keys)})
     service = Service(scheduler, tokenizer, bank, model.config.max_position_embeddings, metrics, args.api_key,
                       args.allow_runtime_loading)
     handler = type("BoundHandler", (Handler,), {"service": service})
@@ -620,6 +638,10 @@ def main() -> None:
         server = Server((args.host, args.port), handler, args.max_connections)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port") from None
+    metrics.gauges.update({
+        "para_queue_depth": lambda: scheduler.load()["waiting"], "para_running_rows": lambda: scheduler.load()["running"],
+        "para_open_connections": lambda: server.open_connections,
+        "para_adapters_loaded": lambda: 0 if bank is None else sum(k is not None for k in bank.keys)})
     scheduler.start()
 
     def stop(signum, frame) -> None:

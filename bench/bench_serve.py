@@ -57,7 +57,7 @@ def stream_one(url: str, model: str, prompt: str) -> tuple[float, list[float], i
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"][0]["text"]:
+            elif chunk["choices"][0]["text"] or chunk["choices"][0]["finish_reason"]:   # text, or an empty answer's end
                 arrivals.append(time.perf_counter() - start)
     return arrivals[0], arrivals, tokens
 

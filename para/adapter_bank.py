@@ -30,8 +30,9 @@ from para.adapters import AdapterConfig, bank_layout, load_slot, make_bank, misf
 from para.errors import UserError
 from para.model import Transformer
 from para.peft_format import CONFIG as PEFT_CONFIG
+from para.prometheus import Metrics
 
-NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")   # a model name that is also a safe file name
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")   # a model name that is also a safe file name
 SUFFIXES = (".pt", SAFETENSORS)
 
 
@@ -50,10 +51,10 @@ class Adapter:
 
 class AdapterBank:
     def __init__(self, model: Transformer, slots: int, named: dict[str, Path], folder: Path | None = None,
-                 max_rank: int | None = None, on_event=lambda name, value=1: None):
-        """`slots` places for adapters (slot 0, the base model, is extra). `on_event(name, value)`
-        reports "read_seconds", "load" and "eviction" (for /metrics)."""
-        self.model, self.folder, self.on_event = model, folder, on_event
+                 max_rank: int | None = None, metrics: Metrics | None = None):
+        """`slots` places for adapters (slot 0, the base model, is extra); reads, loads and
+        evictions are counted in `metrics`."""
+        self.model, self.folder, self.metrics = model, folder, metrics or Metrics()
         self.named = {name: Path(path).resolve() for name, path in named.items()}   # --adapter and run-time loads
         self.lock = threading.Lock()   # guards `named` (HTTP threads add and remove names)
         for name in self.named:
@@ -62,6 +63,7 @@ class AdapterBank:
             raise UserError(f"--adapter-dir {folder}: not a folder")
         self.layout: list[AdapterConfig] | None = None   # what the bank can hold, once made
         self.keys: list[tuple | None] = []                 # what each slot holds
+        self.resident: dict[tuple, Adapter] = {}           # the adapters in slots, by key: no second read
         start = [self.read(name) for name in self.named]   # a bad file named at start stops the server
         start += [a for a in map(self.read_or_warn, self.folder_names()) if a is not None]
         configs = [a.config for a in start] or [AdapterConfig("para", max_rank or AdapterConfig.rank)]
@@ -104,9 +106,16 @@ class AdapterBank:
                 return found[0].resolve()
         raise UnknownAdapter(f"model {name!r} is not served here; GET /v1/models lists them")
 
+    def knows(self, name: str) -> bool:
+        try:
+            return bool(self.path_of(name))
+        except UserError:
+            return False
+
     def read(self, name: str) -> Adapter:
         """The adapter `name`, read and checked against the model and the bank (an HTTP thread
-        calls this; each file is read once per change, see read_for)."""
+        calls this). A file is read again only when it changed or left the bank's slots and
+        read_for's cache; a PEFT folder, whenever it is not in a slot."""
         return self._read(name, self.path_of(name))
 
     def read_or_warn(self, name: str) -> Adapter | None:
@@ -127,15 +136,17 @@ class AdapterBank:
         return adapter
 
     def _read(self, name: str, path: Path) -> Adapter:
+        key = (path, modified(path))
+        resident = self.resident.get(key)
+        if resident is not None:   # in a slot already, and the file has not changed since
+            return resident
         start = time.perf_counter()
         config, state = read_for(self.model, path)
         reason = self.layout and misfit(self.model, self.layout, config)
         if reason:
             raise AdapterError(f"{path}: does not fit the bank serve.py made at start ({reason}); restart it "
                                "with this adapter in --adapter-dir, or with a larger --max-rank")
-        key = (path, path.stat().st_mtime_ns)
-        if key not in self.keys:   # a load is coming: how long the read took
-            self.on_event("read_seconds", time.perf_counter() - start)
+        self.metrics.observe("para_adapter_read_seconds", time.perf_counter() - start)
         return Adapter(name, key, config, state)
 
     def remove(self, name: str) -> None:
@@ -161,10 +172,12 @@ class AdapterBank:
                 return None
             slot = min(free, key=lambda s: (self.keys[s] is not None, self.last_used[s]))
             if self.keys[slot] is not None:
-                self.on_event("eviction")
+                self.metrics.count("para_adapter_evictions_total")
+                del self.resident[self.keys[slot]]
+                self.keys[slot] = None   # until the copy below is whole
             load_slot(self.model, slot, adapter.config, adapter.state)
-            self.keys[slot] = adapter.key
-            self.on_event("load")
+            self.keys[slot], self.resident[adapter.key] = adapter.key, adapter
+            self.metrics.count("para_adapter_loads_total")
         self.pins[slot] += 1
         self.last_used[slot] = now
         return slot
@@ -173,6 +186,14 @@ class AdapterBank:
         """One row no longer reads `slot`."""
         if slot:
             self.pins[slot] -= 1
+
+
+def modified(path: Path) -> int:
+    """When the adapter at `path` last changed: its file's time, or the newest in a PEFT folder."""
+    try:
+        return max(p.stat().st_mtime_ns for p in (path.iterdir() if path.is_dir() else [path]))
+    except (OSError, ValueError):   # gone, or an empty folder: read_for names the problem
+        return 0
 
 
 def check_name(name: str) -> None:

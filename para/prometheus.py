@@ -29,9 +29,9 @@ FAMILIES = {   # name: (type, help)
 
 
 class Metrics:
-    def __init__(self, gauges: dict[str, Callable[[], float]]):
-        """`gauges` maps gauge families to functions read at each scrape."""
-        self.gauges = gauges
+    def __init__(self, gauges: dict[str, Callable[[], float]] | None = None):
+        """`gauges` maps gauge families to functions read at each scrape (0 until given)."""
+        self.gauges = dict(gauges or {})
         self.lock = threading.Lock()
         self.counters: dict[tuple[str, tuple], float] = {}
         self.histograms: dict[tuple[str, tuple], list] = {}   # (name, labels) -> [bucket counts, sum, count]
@@ -59,7 +59,7 @@ class Metrics:
         for name, (kind, help_text) in FAMILIES.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
             if kind == "gauge":
-                lines.append(f"{name} {float(self.gauges[name]())}")
+                lines.append(f"{name} {float(self.gauges.get(name, lambda: 0)())}")
             elif kind == "counter":
                 lines += [f"{name}{labelled(labels)} {value}" for (n, labels), value in sorted(counters.items())
                           if n == name]

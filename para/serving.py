@@ -25,7 +25,8 @@ from para.cache import KVCache
 from para.fast import FastDecoder
 from para.model import Transformer
 
-@dataclass
+
+@dataclass(eq=False)   # a job is itself: compared and hashed by identity
 class Job:
     """One request as the scheduler sees it. `events` carries (text, finish_reason) to the HTTP
     handler: pieces of new text with None, then a last item with the reason: "stop", "length",
@@ -51,7 +52,6 @@ class Job:
     finish_reason: str | None = None
     prompt_scores: list = field(default_factory=list)   # (token, log-probability, top [(token, lp)]) per prompt token
     scores: list = field(default_factory=list)          # the same per new token
-
 
 
 class Scheduler(threading.Thread):
@@ -92,18 +92,18 @@ class Scheduler(threading.Thread):
 
     @torch.inference_mode()
     def run(self) -> None:
-        while not (self.stopping.is_set() and not self.running and self.waiting.empty()):
+        while not (self.stopping.is_set() and not self.running and not self.deferred and self.waiting.empty()):
             try:
                 self.admit()
                 if self.running:
                     self.step()
             except Exception as error:  # a bug or out of memory must not leave clients waiting forever
                 traceback.print_exc()
-                for job in self.running + self.admitting:
+                for job in self.running + self.admitting + self.deferred:
                     self.fail(job, f"internal error: {type(error).__name__}: {error}")
                 for job in self.admitting:
                     self.unpin(job)
-                self.admitting = []
+                self.admitting, self.deferred = [], []
                 self.leave([])
         while not self.waiting.empty():  # submitted in the moment the server began to stop
             self.fail(self.waiting.get_nowait(), "the server is stopping", "unavailable")
@@ -126,23 +126,22 @@ class Scheduler(threading.Thread):
         room = self.max_batch - len(self.running)
         if room <= 0:
             return
-        candidates, self.deferred = self.deferred, []
         try:
-            if not self.running and not candidates:
-                candidates.append(self.waiting.get(timeout=0.05))
-            while len(candidates) < room:
-                candidates.append(self.waiting.get_nowait())
+            if not self.running and not self.deferred:
+                self.deferred.append(self.waiting.get(timeout=0.05))
+            while len(self.deferred) < room:
+                self.deferred.append(self.waiting.get_nowait())
         except queue.Empty:
             pass
-        for job in candidates:
+        for job in list(self.deferred):   # each stays in self.deferred until placed (an error fails them all)
             if self.finish_if_cancelled(job):
+                self.deferred.remove(job)
                 continue
             slot = 0 if job.adapter is None else self.bank.place(job.adapter)
-            if slot is None:   # every slot is read by a running row: wait for one to leave
-                self.deferred.append(job)
-            else:
+            if slot is not None:   # None: every slot is read by a running row; it waits for one
                 job.slot = slot
                 self.admitting.append(job)
+                self.deferred.remove(job)
         newcomers = self.admitting
         if newcomers:
             cache, hidden = prefill_hidden(self.model, [job.prompt for job in newcomers],
@@ -219,6 +218,8 @@ class Scheduler(threading.Thread):
         job.sent = len(job.text)
 
     def fail(self, job: Job, message: str, reason: str = "error") -> None:
+        if job.finish_reason is not None:   # answered already
+            return
         job.text, job.sent = message, 0
         self.finish(job, reason)
 

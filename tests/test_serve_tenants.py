@@ -133,6 +133,7 @@ def test_files_added_while_serving_and_broken_ones(server, tenants):
     assert code == 400 and "broken.pt" in error["message"] and error["param"] == "model"
     assert ask(server, "t1", PROMPTS[1])   # the next good request is answered
     assert post(server, "/v1/completions", {"model": "../dir/t1", "prompt": "x"})[0] == 404
+    assert post(server, "/v1/completions", {"model": "t" * 300, "prompt": "x"})[0] == 404
 
 
 def test_a_burst_gets_answers_or_503_never_a_reset(server):
@@ -237,8 +238,18 @@ def test_logprobs_with_echo_are_the_models_log_softmax(server, tenants):
     plain = server.client.completions.create(model="t0", prompt=PROMPTS[3], max_tokens=3, temperature=0, logprobs=0)
     assert len(plain.choices[0].logprobs.token_logprobs) == 3
     assert plain.choices[0].logprobs.text_offset[0] == len(PROMPTS[3])
-    scored = server.client.completions.create(model="t0", prompt=PROMPTS[3], max_tokens=0, echo=True, logprobs=1)
-    assert scored.choices[0].text == PROMPTS[3] and scored.usage.completion_tokens == 0
+    text = "café 🍕 is hot"   # characters of several tokens each: the echo and the tokens join into the text
+    assert tokenizer.decode(tokenizer.encode(text), skip_special_tokens=True) == text
+    scored = server.client.completions.create(model="t0", prompt=text, max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].text == text and scored.usage.completion_tokens == 0
+    assert "".join(scored.choices[0].logprobs.tokens) == text
+    assert len(scored.choices[0].logprobs.token_logprobs) == len(tokenizer.encode(text))
+    whole = server.client.completions.create(model="t0", prompt=PROMPTS[3], max_tokens=12, temperature=0).choices[0]
+    stop = whole.text[4:6]
+    cut = server.client.completions.create(model="t0", prompt=PROMPTS[3], max_tokens=12, temperature=0, stop=[stop],
+                                           logprobs=1, echo=True).choices[0]
+    assert cut.text == PROMPTS[3] + whole.text[:whole.text.index(stop)]   # as without logprobs
+    assert "".join(cut.logprobs.tokens).startswith(cut.text) and cut.logprobs.text_offset[-1] <= len(cut.text)
 
 
 def test_adapters_loaded_and_unloaded_at_run_time(server, tenants):
