@@ -17,8 +17,8 @@ file's stem, or a PEFT folder's name) is a model, files added while serving incl
 bank holds --max-loaded of them at once (para/adapter_bank.py). The HTTP layer is the standard
 library's ThreadingHTTPServer: one thread per connection reads its request and waits for its
 answer while the scheduler thread (para/serving.py) batches every request onto the one model.
-Bursts are held by a listen backlog as deep as --max-connections; beyond that many open
-connections, and beyond --max-queue waiting requests, a client gets 503 with Retry-After.
+Bursts wait in a deep listen backlog; beyond --max-connections open connections, and beyond
+--max-queue waiting requests, a client gets 503 with Retry-After.
 SIGTERM or Ctrl-C stops taking requests, answers the ones in flight, and exits 0.
 """
 
@@ -53,6 +53,7 @@ from tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20   # top alternatives per token at most (vLLM's default limit; OpenAI's is 5)
 RETRY_AFTER = "1"   # seconds a client told 503 should wait
+BACKLOG = 4096      # connections waiting to be accepted at most
 
 
 class ApiError(Exception):
@@ -334,7 +335,9 @@ class Server(ThreadingHTTPServer):
     daemon_threads = False   # server_close() waits for the requests in flight
 
     def __init__(self, address: tuple[str, int], handler: type, max_connections: int):
-        self.request_queue_size = max_connections   # the backlog: a burst waits here, not reset
+        # The listen backlog: a burst waits here to be accepted, and answered or refused with a
+        # 503. As deep as Linux allows by default (net.core.somaxconn): beyond it, connections reset.
+        self.request_queue_size = max(max_connections, BACKLOG)
         self.max_connections, self.open_connections = max_connections, 0
         self.lock = threading.Lock()
         super().__init__(address, handler)
@@ -594,7 +597,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queue", type=COUNT, default=64,
                         help="requests waiting at most; beyond it the server answers 503 at once")
     parser.add_argument("--max-connections", type=COUNT, default=512,
-                        help="connections open at most (also the listen backlog); beyond it 503 at once")
+                        help="connections served at most; beyond it 503 at once")
     return parser.parse_args(argv)
 
 
