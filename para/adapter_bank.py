@@ -64,9 +64,13 @@ class AdapterBank:
         self.layout: list[AdapterConfig] | None = None   # what the bank can hold, once made
         self.keys: list[tuple | None] = []                 # what each slot holds
         self.resident: dict[tuple, Adapter] = {}           # the adapters in slots, by key: no second read
-        start = [self.read(name) for name in self.named]   # a bad file named at start stops the server
-        start += [a for a in map(self.read_or_warn, self.folder_names()) if a is not None]
-        configs = [a.config for a in start] or [AdapterConfig("para", max_rank or AdapterConfig.rank)]
+        configs, start = [], []   # every adapter's config; the first `slots` adapters, to fill the slots
+        for name in [*self.named, *self.folder_names()]:
+            adapter = self.read(name) if name in self.named else self.read_or_warn(name)   # bad and named: stop
+            if adapter is not None:
+                configs.append(adapter.config)
+                start += [adapter][:slots - len(start)]
+        configs = configs or [AdapterConfig("para", max_rank or AdapterConfig.rank)]
         if max_rank:   # room for larger adapters added later
             configs += [AdapterConfig(c.method, max(c.rank, max_rank), pool=c.pool, targets=c.targets)
                         for c in configs if c.method != "ia3"]
@@ -75,7 +79,7 @@ class AdapterBank:
         self.keys = [None] * (slots + 1)
         self.last_used = [0.0] * (slots + 1)
         self.pins = [0] * (slots + 1)                      # rows that may read each slot
-        for adapter in start[:slots]:   # fill the slots while they are free
+        for adapter in start:
             self.release(self.place(adapter))
 
     def folder_names(self) -> list[str]:
