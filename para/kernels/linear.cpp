@@ -41,8 +41,6 @@ inline __m512 load16(const int8_t* p, __mmask16 mask) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
 }
 
-// out[m][j] = x[m] . w[n + j] for M rows of x and N_TILE weight rows: M * N_TILE independent
-// sums, so the multiply-adds never wait on each other's results.
 // out[m] = x[m] . w for M rows of x and one weight row w, read once, front to back (one stream
 // per thread: measured faster than interleaving several weight rows). U sums per row of x, over
 // alternate blocks of 16, so that M * U multiply-adds are in flight and none waits on another.
