@@ -72,23 +72,26 @@ class Scheduler(threading.Thread):
         self.eos = set(tokenizer.eos_ids)
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.stopping = threading.Event()
+        self.door = threading.Lock()   # a job is queued before stop() or refused: none is left unanswered
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full (the server answers 503) or closing."""
-        if self.stopping.is_set():
-            return False
-        try:
-            self.waiting.put_nowait(job)
-            return True
-        except queue.Full:
-            return False
+        with self.door:
+            if self.stopping.is_set():
+                return False
+            try:
+                self.waiting.put_nowait(job)
+                return True
+            except queue.Full:
+                return False
 
     def load(self) -> dict:
         return {"running": len(self.running), "waiting": self.waiting.qsize() + len(self.deferred)}
 
     def stop(self) -> None:
         """Take no new jobs; the thread ends once the queued and running ones are answered."""
-        self.stopping.set()
+        with self.door:
+            self.stopping.set()
 
     @torch.inference_mode()
     def run(self) -> None:
