@@ -6,7 +6,7 @@ for different adapters (PARA, (IA)^3, LoRA, or the base model) decode in the sam
     GET  /v1/models              "base" and every adapter: those named with --adapter, then DIR's
     POST /v1/completions         {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
                                   "logprobs", "echo"}: a prompt is a string, token ids, or a list of either
-    POST /v1/chat/completions    {"model", "messages", ...}: through the checkpoint's chat template
+    POST /v1/chat/completions    {"model", "messages", ..., "logprobs", "top_logprobs"}: through the chat template
     POST /v1/load_lora_adapter   {"lora_name", "lora_path"}, and /v1/unload_lora_adapter {"lora_name"}
                                  (vLLM's names; with --allow-runtime-loading)
     GET  /health                 {"running": rows decoding, "waiting": queued requests}
@@ -183,9 +183,15 @@ def parse_request(service: Service, body: dict, chat: bool) -> Request:
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
     logprobs, echo = None, False
-    if chat:
-        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-            raise ApiError(400, "'logprobs' is supported in /v1/completions only", "logprobs")
+    if chat:   # OpenAI's chat form: logprobs true or false, and top_logprobs alternatives
+        if not isinstance(body.get("logprobs", False), (bool, type(None))):
+            raise ApiError(400, "'logprobs' must be true or false", "logprobs")
+        top = number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+        if top is not None and not body.get("logprobs"):
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        logprobs = (top or 0) if body.get("logprobs") else None
+        if stream and logprobs is not None:
+            raise ApiError(400, "'logprobs' is not supported with 'stream'", "stream")
     else:
         logprobs = number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
         echo = body.get("echo", False)
@@ -278,19 +284,39 @@ class Reply:
         choices = []
         for index, job in enumerate(self.request.jobs):
             if self.chat:
-                choice = {"message": {"role": "assistant", "content": job.text}, "logprobs": None}
+                choice = {"message": {"role": "assistant", "content": job.text},
+                          "logprobs": None if job.logprobs is None else self.chat_logprobs(job)}
             else:
                 choice = self.completion(job)
             choices.append({"index": index, **choice, "finish_reason": job.finish_reason})
         return {**self.head(self.kind()), "choices": choices, "usage": self.usage()}
 
+    def new_pieces(self, job: Job) -> tuple[list[str], int]:
+        """The text each new token adds, as job.text was made, and how many of them the answer
+        keeps: all, or those that begin before a stop string cut the text."""
+        fresh = pieces(self.tokenizer, job.tokens)
+        if len("".join(fresh)) == len(job.text):
+            return fresh, len(fresh)
+        starts = itertools.accumulate(map(len, fresh), initial=0)
+        return fresh, sum(start < len(job.text) for start, _ in zip(starts, fresh))
+
+    def chat_logprobs(self, job: Job) -> dict:
+        """OpenAI's chat logprobs: for each new token its text, log-probability and bytes, and its
+        most likely alternatives."""
+        fresh, kept = self.new_pieces(job)
+
+        def entry(text: str, logprob: float) -> dict:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        content = [{**entry(text, logprob), "top_logprobs": [entry(token_text(self.tokenizer, before, t), lp)
+                                                             for t, lp in top]}
+                   for text, (_, logprob, top), before in zip(fresh[:kept], job.scores, job.prompt[-1:] + job.tokens)]
+        return {"content": content, "refusal": None}
+
     def completion(self, job: Job) -> dict:
         """A /v1/completions choice: the text (the prompt first, with echo) and OpenAI's logprobs:
         each token's text, its log-probability, its most likely alternatives, where it starts."""
-        fresh = pieces(self.tokenizer, job.tokens)       # how job.text was made, before a stop string cut it
+        fresh, kept = self.new_pieces(job)
         dropped = len("".join(fresh)) - len(job.text)     # the characters a stop string cut off
-        starts = list(itertools.accumulate(map(len, fresh), initial=0))[:-1]
-        kept = sum(start < len(job.text) for start in starts) if dropped else len(job.tokens)
         if job.echo:   # prompt and completion decoded as one text: the completion's leading space stays
             strings = pieces(self.tokenizer, job.prompt + job.tokens)
             whole = "".join(strings)

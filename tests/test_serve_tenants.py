@@ -264,3 +264,24 @@ def test_adapters_loaded_and_unloaded_at_run_time(server, tenants):
         ask(server, "late", "x")
     assert post(server, "/v1/unload_lora_adapter", {"lora_name": "t1"})[0] == 404   # a file in DIR: delete it
     assert post(server, "/v1/unload_lora_adapter", {"lora_name": "t1"}, key=None)[0] == 401
+
+
+def test_chat_logprobs_are_the_models_log_softmax(server, tenants):
+    model, tokenizer = para.load(tenants, "cpu", "float32")
+    load_adapter(model, tenants.parent / "dir" / "t1.pt")   # a LoRA adapter
+    messages = [{"role": "user", "content": PROMPTS[4]}]
+    answer = server.client.chat.completions.create(model="t1", messages=messages, max_tokens=4, temperature=0,
+                                                   logprobs=True, top_logprobs=2).choices[0]
+    ids = tokenizer.encode_chat(messages)
+    completion = para.generate(model, [ids], 4, eos_ids=tokenizer.eos_ids).tokens[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + completion]))[0, len(ids) - 1:-1]
+    expected = torch.log_softmax(logits.float(), -1)
+    content = answer.logprobs.content
+    assert len(content) == len(completion)
+    for row, token, entry in zip(expected, completion, content):
+        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(2).values.tolist(), abs=1e-4)
+        assert bytes(entry.bytes) == entry.token.encode()
+    plain = server.client.chat.completions.create(model="t1", messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == answer.message.content
