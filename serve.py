@@ -619,6 +619,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="listen on an address other than loopback without --api-key")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with the compiled step, a batch padded to 1, 2, 4, ... rows (one compilation, on "
+                        "a GPU one CUDA graph, each); on a CPU it measured no faster (docs/design.md)")
     parser.add_argument("--max-batch", type=COUNT, default=16, help="rows decoded together at most")
     parser.add_argument("--max-queue", type=COUNT, default=64,
                         help="requests waiting at most; beyond it the server answers 503 at once")
@@ -659,7 +662,8 @@ def main() -> None:
     bank = None
     if adapters or args.adapter_dir or args.allow_runtime_loading:
         bank = AdapterBank(model, args.max_loaded, adapters, args.adapter_dir, args.max_rank, metrics)
-    scheduler = Scheduler(model, tokenizer, args.max_batch, args.max_queue, quantize=args.quantize, bank=bank)
+    scheduler = Scheduler(model, tokenizer, args.max_batch, args.max_queue, quantize=args.quantize, bank=bank,
+                          compile=args.compile)
     service = Service(scheduler, tokenizer, bank, model.config.max_position_embeddings, metrics, args.api_key,
                       args.allow_runtime_loading)
     handler = type("BoundHandler", (Handler,), {"service": service})

@@ -94,7 +94,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def serve(args: argparse.Namespace, flags: list[str]):
-    command = [sys.executable, str(ROOT / "serve.py"), "--port", "0", *flags]
+    command = [sys.executable, str(ROOT / "serve.py"), "--port", "0", *flags, *(["--compile"] if args.compile else [])]
     for flag in ("model", "device", "dtype"):
         if getattr(args, flag):
             command += [f"--{flag}", str(getattr(args, flag))]
@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--tenant-requests", type=COUNT, default=4, help="requests per client in part 2")
     parser.add_argument("--max-loaded", type=COUNT, default=16, help="slots in part 2")
     parser.add_argument("--skip-mixed", action="store_true", help="skip part 1")
+    parser.add_argument("--compile", action="store_true", help="serve.py --compile (the compiled step)")
     args = parser.parse_args()
     model_dir(args.model)   # fetch the default model once
     model, _, _ = load_with_prompt(args)

@@ -43,13 +43,24 @@ class AdapterRows:
         self.which = None if self.which is None else self.which.index_select(0, index)
         self.vectors = [None if v is None else v.index_select(index) for v in self.vectors]
 
-    def join(self, other: AdapterRows) -> AdapterRows:
-        """This batch's rows, then `other`'s; both must name each row's adapter."""
-        if self.which is None or other.which is None:
+    def first(self, n: int) -> AdapterRows:
+        """The first n rows."""
+        rows = AdapterRows(len(self.vectors), None if self.which is None else self.which[:n])
+        rows.vectors = [None if v is None else PromptVectors(*(t[:n] for t in v)) for v in self.vectors]
+        return rows
+
+    @staticmethod
+    def join(parts: list[AdapterRows], pad: int = 0) -> AdapterRows:
+        """The parts' rows in order, then `pad` empty rows (slot 0, vectors of ones); every part
+        must name each row's adapter."""
+        if any(part.which is None for part in parts):
             raise ValueError("joining batches needs each row's adapter (which) on both sides")
-        joined = AdapterRows(len(self.vectors), torch.cat((self.which, other.which)))
-        joined.vectors = [None if a is None else PromptVectors(*(torch.cat(pair) for pair in zip(a, b)))
-                          for a, b in zip(self.vectors, other.vectors)]
+        which = [part.which for part in parts]
+        joined = AdapterRows(len(parts[0].vectors), torch.cat(which + [which[0].new_zeros(pad)]))
+        for layer, vectors in enumerate(zip(*(part.vectors for part in parts))):
+            if vectors[0] is not None:
+                joined.vectors[layer] = PromptVectors(*(torch.cat([*pieces, pieces[0][:1].new_ones(pad, *pieces[0].shape[1:])])
+                                                        for pieces in zip(*vectors)))
         return joined
 
 
@@ -196,27 +207,31 @@ class KVCache:
             self.filled.fill_(self.pos)
         self.rows.reorder(index)
 
-    def join(self, other: KVCache, max_len: int) -> KVCache:
-        """A new cache with this cache's rows, then `other`'s (continuous batching: newcomers
-        join a running batch). Rows are right-aligned, so every row writes the same slot next;
-        slots that no row uses any more (padding of rows that left) are dropped."""
-        first_used = {id(c): int(c.valid[:, :c.pos].any(0).nonzero()[0]) for c in (self, other)}
-        pos = max(c.pos - first_used[id(c)] for c in (self, other))
+    def join(self, other: KVCache | None, max_len: int, rows: int | None = None, mine: int | None = None,
+             allocate: Callable[[KVCache, int, int], list[torch.Tensor]] | None = None) -> KVCache:
+        """A new cache with this cache's first `mine` rows (default: all), then `other`'s
+        (continuous batching: newcomers join a running batch). Rows are right-aligned, so every
+        row writes the same slot next; slots that no row uses any more (padding of rows that
+        left) are dropped. `rows` pads the batch with empty rows (a compiled step decodes a few
+        batch sizes only); `allocate` as in __init__."""
+        parts = [(self, len(self.lengths) if mine is None else mine)] + ([(other, len(other.lengths))] if other else [])
+        first_used = [int(c.valid[:n, :c.pos].any(0).nonzero()[0]) for c, n in parts]
+        pos = max(c.pos - first for (c, _), first in zip(parts, first_used))
         if max_len < pos:
             raise ValueError(f"a joined cache needs at least {pos} slots")
-        rows = len(self.lengths) + len(other.lengths)
-        joined = KVCache(self.config, rows, max_len, self.device, self.dtype)
+        used = sum(n for _, n in parts)
+        joined = KVCache(self.config, rows or used, max_len, self.device, self.dtype, allocate=allocate)
         start = 0
-        for cache in (self, other):
-            first, end = first_used[id(cache)], start + len(cache.lengths)
+        for (cache, n), first in zip(parts, first_used):
+            end = start + n
             width = cache.pos - first                       # slots still in use, moved to end at `pos`
-            for mine, theirs in zip((*joined.k, *joined.v), (*cache.k, *cache.v)):   # (B, H_kv, S, D)
-                mine[start:end, :, pos - width:pos] = theirs[:, :, first:cache.pos]
-            joined.valid[start:end, pos - width:pos] = cache.valid[:, first:cache.pos]
+            for into, buffer in zip((*joined.k, *joined.v), (*cache.k, *cache.v)):   # (B, H_kv, S, D)
+                into[start:end, :, pos - width:pos] = buffer[:n, :, first:cache.pos]
+            joined.valid[start:end, pos - width:pos] = cache.valid[:n, first:cache.pos]
+            joined.lengths[start:end] = cache.lengths[:n]
             start = end
-        joined.lengths.copy_(torch.cat((self.lengths, other.lengths)))
         joined.filled.fill_(pos)
         joined.pos = pos
         joined.has_padding = True
-        joined.rows = self.rows.join(other.rows)
+        joined.rows = AdapterRows.join([c.rows.first(n) for c, n in parts], pad=len(joined.lengths) - used)
         return joined

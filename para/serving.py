@@ -22,7 +22,7 @@ import torch
 from para.adapter_bank import Adapter, AdapterBank
 from para.generation import GREEDY_BELOW, Sampling, prefill_hidden, sample
 from para.cache import KVCache
-from para.fast import FastDecoder
+from para.fast import BufferPool, FastDecoder
 from para.model import Transformer
 
 
@@ -59,10 +59,11 @@ class Scheduler(threading.Thread):
     every running row one token per step, and answers each job through its `events`."""
 
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 quantize: str | None = None, bank: AdapterBank | None = None):
+                 quantize: str | None = None, bank: AdapterBank | None = None, compile: bool = False):
         super().__init__(name="scheduler", daemon=True)
         self.model, self.tokenizer, self.max_batch, self.bank = model, tokenizer, max_batch, bank
-        self.decoder = FastDecoder(model, quantize=quantize)
+        self.decoder = FastDecoder(model, compile=compile, quantize=quantize)
+        self.compiled = compile
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.running: list[Job] = []       # one per row of the cache, in order
         self.deferred: list[Job] = []      # taken from the queue, waiting for a slot in the bank
@@ -121,7 +122,8 @@ class Scheduler(threading.Thread):
         keep = [i for i, job in enumerate(self.running) if job.finish_reason is None]
         self.leave(keep)
         if keep:
-            next_tokens = torch.tensor([tokens[i] for i in keep], device=self.model.device)
+            padding = [self.pad_id] * (len(self.cache.lengths) - len(keep))   # the empty rows of a compiled batch
+            next_tokens = torch.tensor([tokens[i] for i in keep] + padding, device=self.model.device)
             self.logits = self.decoder.step(next_tokens, self.cache)
 
     def admit(self) -> None:
@@ -172,10 +174,18 @@ class Scheduler(threading.Thread):
                 cache.reorder(index)
                 logits = logits.index_select(0, index)
             newcomers = [newcomers[row] for row in keep]
-            if newcomers and self.running:
+            if newcomers and (self.running or self.compiled):   # compiled: always padded to a batch size it runs
                 room = max(job.max_tokens - len(job.tokens) for job in self.running + newcomers)
-                cache = self.cache.join(cache, max_len=max(self.cache.pos, cache.pos) + room)
-                logits = torch.cat((self.logits, logits))
+                running = self.cache if self.running else None
+                max_len = max(cache.pos, running.pos if running else 0) + room
+                rows = self.batch_rows(len(self.running) + len(newcomers))
+                if self.compiled:
+                    cache = (running or cache).join(cache if running else None, BufferPool.size(max_len), rows,
+                                                    mine=len(self.running) if running else None,
+                                                    allocate=self.decoder.take_buffers)
+                else:
+                    cache = running.join(cache, max_len)
+                logits = torch.cat((self.logits[:len(self.running)], logits)) if running else logits
             if newcomers:
                 self.cache, self.logits = cache, logits
                 self.running += newcomers
@@ -244,12 +254,17 @@ class Scheduler(threading.Thread):
         for row in set(range(len(self.running))) - set(keep):
             self.unpin(self.running[row])
         self.running = [self.running[i] for i in keep]
-        if keep:
-            index = torch.tensor(keep, device=self.model.device)
+        if keep:   # compiled, the rows past the running ones repeat the first (decoded, never read)
+            index = torch.tensor(keep + keep[:1] * (self.batch_rows(len(keep)) - len(keep)), device=self.model.device)
             self.cache.reorder(index)
             self.logits = self.logits.index_select(0, index)
         else:
             self.cache = self.logits = None
+
+    def batch_rows(self, running: int) -> int:
+        """The cache's rows for this many running jobs: as many, or compiled, the next power of two
+        (at most max_batch), so that a few batch sizes are compiled, each once."""
+        return min(1 << (running - 1).bit_length(), self.max_batch) if self.compiled else running
 
 
 def score(logits: torch.Tensor, token: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:

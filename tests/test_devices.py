@@ -1,5 +1,7 @@
 """The compiled decoding step, and the CUDA paths (skipped where there is no GPU)."""
 
+import time
+
 import pytest
 import torch
 
@@ -218,3 +220,56 @@ def test_training_and_generation_in_bfloat16_on_cuda(tiny, tmp_path):
     out = run("generate.py", "--model", tiny, "--device", "cuda", "--dtype", "bfloat16", "--adapter",
               tmp_path / "para.pt", "--prompt", "Is 4 even or odd?", "--max-new-tokens", "4", "--compile")
     assert out.stdout.strip()
+
+
+def serve_jobs(model, tokenizer, bank, compile: bool, waves) -> list[list[int]]:
+    """The tokens a scheduler gives each job of `waves` (lists of (prompt, adapter name)),
+    each wave submitted once the one before has started decoding."""
+    from para.serving import Job, Scheduler
+    scheduler = Scheduler(model, tokenizer, max_batch=4, compile=compile, bank=bank)
+    scheduler.start()
+    jobs = []
+    try:
+        for wave in waves:
+            for prompt, name in wave:
+                jobs.append(Job(prompt, None if name == "base" else bank.read(name), 12))
+                assert scheduler.submit(jobs[-1])
+            while not jobs[-1].tokens and jobs[-1].finish_reason is None:   # bounded by the job's 12 tokens
+                time.sleep(0.01)
+        for job in jobs:
+            while job.events.get(timeout=120)[1] is None:
+                pass
+    finally:
+        scheduler.stop()
+        scheduler.join(timeout=120)
+    return [job.tokens for job in jobs]
+
+
+@pytest.mark.slow   # compiles the decoding step for 3 batch sizes
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_the_compiled_scheduler_answers_as_the_eager_one(tmp_path, device):
+    """serve.py --compile: rows join and leave a batch padded to 1, 2 or 4 rows, one compiled
+    step each (a CUDA graph on a GPU), with PARA and LoRA adapters in a bank of 2 slots for 3."""
+    from para.adapter_bank import AdapterBank
+    from tokenizer import Tokenizer
+    from checkpoints import write_model_with_tokenizer
+    folder = write_model_with_tokenizer(tmp_path / "m", TINY_LLAMA)
+    model = load_model(folder, device, "float32")
+    paths = random_adapters(model, tmp_path)
+    torch.manual_seed(5)
+    add_adapter(model, AdapterConfig("lora", rank=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_parameter(name):
+                p.add_(torch.randn_like(p) * 0.1)
+    save_adapter(model, AdapterConfig("lora", rank=4), tmp_path / "lora.pt")
+    remove_adapters(model)
+    named = {"a": paths[0], "b": paths[1], "c": tmp_path / "lora.pt"}
+    waves = [[(PROMPTS[0], "a")], [(PROMPTS[1], "c"), (PROMPTS[0], "base")], [(PROMPTS[1], "b"), (PROMPTS[0], "c")]]
+    tokenizer = Tokenizer.from_dir(folder)
+    eager = serve_jobs(model, tokenizer, AdapterBank(model, 2, named), False, waves)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = serve_jobs(model, tokenizer, AdapterBank(model, 2, named), True, waves)
+    assert compiled == eager and all(len(t) == 12 for t in eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3   # batch sizes 1, 2, 4; one cache size
