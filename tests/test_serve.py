@@ -90,12 +90,15 @@ def complete(server, name, prompt, max_tokens=8, **kwargs):
 
 def test_models_and_answers_equal_generate_py(server, model):
     assert [m.id for m in server.client.models.list().data] == ["base", "para", "lora"]
-    for name in ("base", "para", "lora"):
-        adapter = [] if name == "base" else ["--adapter", model.parent / f"{name}.pt"]
-        for chat in (False, True):
-            cli = run("generate.py", "--model", model, *adapter, "--prompt", PROMPTS[0], "--max-new-tokens", "8",
-                      "--json", *(["--chat"] if chat else []))
-            expected = json.loads(cli.stdout)
+    names = ("base", "para", "lora")
+    requests = model.parent / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"prompt": PROMPTS[0], "adapter": None if name == "base" else
+                                            str(model.parent / f"{name}.pt")}) + "\n" for name in names))
+    for chat in (False, True):
+        cli = run("generate.py", "--model", model, "--requests", requests, "--max-new-tokens", "8",
+                  "--batch-size", "1", *(["--chat"] if chat else []))   # each alone, as generate.py --adapter runs it
+        for name, line in zip(names, cli.stdout.splitlines()):
+            expected = json.loads(line)
             if chat:
                 answer = server.client.chat.completions.create(model=name, max_tokens=8, temperature=0,
                                                                messages=[{"role": "user", "content": PROMPTS[0]}])
