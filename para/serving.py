@@ -147,49 +147,54 @@ class Scheduler(threading.Thread):
                 job.slot = slot
                 self.admitting.append(job)
                 self.deferred.remove(job)
-        newcomers = self.admitting
-        if newcomers:
-            cache, hidden = prefill_hidden(self.model, [job.prompt for job in newcomers],
-                                           max(job.max_tokens for job in newcomers), self.pad_id,
-                                           which=[job.slot for job in newcomers], decoder=self.decoder)
-            logits = self.model.logits(hidden[:, -1])
-            for row, job in enumerate(newcomers):
-                job.decoder = self.tokenizer.stream()
-                if job.sampling.seed is not None:
-                    job.generator = torch.Generator(self.model.device).manual_seed(job.sampling.seed)
-                if job.echo and job.logprobs is not None:
-                    job.prompt_scores = prompt_scores(self.model, hidden[row, -len(job.prompt):], job.prompt,
-                                                      job.logprobs)
-                if job.adapter is not None and job.adapter.config.method == "para":
-                    cache.rows.which[row] = 0   # its vectors are in the cache: its slot is free again
-                    self.unpin(job)
-                if job.max_tokens == 0:
-                    self.finish(job, "length")
-            keep = [row for row, job in enumerate(newcomers) if job.finish_reason is None]
-            for job in newcomers:
-                if job.finish_reason is not None:
-                    self.unpin(job)
-            if len(keep) < len(newcomers) and keep:
-                index = torch.tensor(keep, device=self.model.device)
-                cache.reorder(index)
-                logits = logits.index_select(0, index)
-            newcomers = [newcomers[row] for row in keep]
-            if newcomers and (self.running or self.compiled):   # compiled: always padded to a batch size it runs
-                room = max(job.max_tokens - len(job.tokens) for job in self.running + newcomers)
-                running = self.cache if self.running else None
-                max_len = max(cache.pos, running.pos if running else 0) + room
-                rows = self.batch_rows(len(self.running) + len(newcomers))
-                if self.compiled:
-                    cache = (running or cache).join(cache if running else None, BufferPool.size(max_len), rows,
-                                                    mine=len(self.running) if running else None,
-                                                    allocate=self.decoder.take_buffers)
-                else:
-                    cache = running.join(cache, max_len)
-                logits = torch.cat((self.logits[:len(self.running)], logits)) if running else logits
-            if newcomers:
-                self.cache, self.logits = cache, logits
-                self.running += newcomers
+        if self.admitting:
+            self.join_running(*self.prefill(self.admitting))
         self.admitting = []
+
+    def prefill(self, jobs: list[Job]) -> tuple[KVCache, torch.Tensor, list[Job]]:
+        """Prefill the jobs together: (their cache, their next-token logits, the jobs that go on
+        to decode). A PARA row gives its slot back here; a job of 0 new tokens ends here."""
+        cache, hidden = prefill_hidden(self.model, [job.prompt for job in jobs], max(job.max_tokens for job in jobs),
+                                       self.pad_id, which=[job.slot for job in jobs], decoder=self.decoder)
+        logits = self.model.logits(hidden[:, -1])
+        for row, job in enumerate(jobs):
+            job.decoder = self.tokenizer.stream()
+            if job.sampling.seed is not None:
+                job.generator = torch.Generator(self.model.device).manual_seed(job.sampling.seed)
+            if job.echo and job.logprobs is not None:
+                job.prompt_scores = prompt_scores(self.model, hidden[row, -len(job.prompt):], job.prompt, job.logprobs)
+            if job.adapter is not None and job.adapter.config.method == "para":
+                cache.rows.which[row] = 0   # its vectors are in the cache: its slot is free again
+                self.unpin(job)
+            if job.max_tokens == 0:
+                self.finish(job, "length")
+                self.unpin(job)
+        keep = [row for row, job in enumerate(jobs) if job.finish_reason is None]
+        if 0 < len(keep) < len(jobs):
+            index = torch.tensor(keep, device=self.model.device)
+            cache.reorder(index)
+            logits = logits.index_select(0, index)
+        return cache, logits, [jobs[row] for row in keep]
+
+    def join_running(self, cache: KVCache, logits: torch.Tensor, newcomers: list[Job]) -> None:
+        """Add prefilled rows to the running batch. Compiled, the batch is padded to a size the
+        step is compiled for (batch_rows), even with nothing running."""
+        if not newcomers:
+            return
+        if self.running or self.compiled:
+            running = self.cache if self.running else None
+            room = max(job.max_tokens - len(job.tokens) for job in self.running + newcomers)
+            max_len = max(cache.pos, running.pos if running else 0) + room
+            if self.compiled:
+                rows = self.batch_rows(len(self.running) + len(newcomers))
+                cache = (running or cache).join(cache if running else None, BufferPool.size(max_len), rows,
+                                                mine=len(self.running) if running else None,
+                                                allocate=self.decoder.take_buffers)
+            else:
+                cache = running.join(cache, max_len)
+            logits = torch.cat((self.logits[:len(self.running)], logits)) if running else logits
+        self.cache, self.logits = cache, logits
+        self.running += newcomers
 
     def sample_all(self) -> list[int]:
         """Each row's next token with its own settings: what generate() draws for it alone."""
