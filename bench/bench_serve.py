@@ -12,6 +12,10 @@ later token, as each client sees them.
 
     python bench/bench_serve.py [--model DIR] [--clients 8] [--adapters 8] [--requests 3]
                                 [--tenants 1000] [--tenant-clients 32] [--max-loaded 16] [--tenant-requests 4]
+    python bench/bench_serve.py --shape smollm2-135m --tokenizer DIR --device cuda --compile ...
+
+--shape serves random weights of a known shape with the tokenizer files of DIR (a machine that
+cannot fetch the built-in model needs only those few MB).
 
 Every loop is bounded: a known number of requests per run, each with a timeout; the server is
 stopped with SIGTERM after each run.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +42,8 @@ from para.adapters import adapter_state, add_adapter, load_slot, make_bank
 from para.cli import COUNT, add_model_args, run_cli
 from para.loading import model_dir
 
-from common import NEW_TOKENS, SCRATCH, TEXT, adapter_config, load_with_prompt, make_adapter
+from common import NEW_TOKENS, SCRATCH, TEXT, adapter_config, load_with_prompt, make_adapter, save_random_checkpoint
+from shapes import add_shape_arg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,7 +192,18 @@ def main() -> None:
     parser.add_argument("--max-loaded", type=COUNT, default=16, help="slots in part 2")
     parser.add_argument("--skip-mixed", action="store_true", help="skip part 1")
     parser.add_argument("--compile", action="store_true", help="serve.py --compile (the compiled step)")
+    add_shape_arg(parser)
+    parser.add_argument("--tokenizer", type=Path, default=None, help="with --shape: the folder whose tokenizer "
+                        "files the random checkpoint gets (default: the built-in model's)")
     args = parser.parse_args()
+    if args.shape:   # a checkpoint folder serve.py can load: random weights, a real tokenizer
+        tokenizer = args.tokenizer or model_dir(None)
+        args.model = Path(SCRATCH.name) / args.shape
+        save_random_checkpoint(args.shape, args.model)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+            if (tokenizer / name).is_file():
+                shutil.copy(tokenizer / name, args.model / name)
+        args.shape = None   # from here on, the folder: adapters are checked against its weights
     model_dir(args.model)   # fetch the default model once
     model, _, _ = load_with_prompt(args)
     if not args.skip_mixed:

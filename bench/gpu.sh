@@ -9,10 +9,13 @@
 #                with torch.compile's hints on what kept it from CUDA graphs in the log;
 #   transformers SmolLM2-135M's shape against transformers (float32), para compiled;
 #   int8         the compiled step of `compiled` with weight-only int8 (--quantize int8), base
-#                and PARA: against `compiled`'s bfloat16 figures, int8's speed-up.
+#                and PARA: against `compiled`'s bfloat16 figures, int8's speed-up;
+#   serve        serve.py --compile under 64 clients over 64 adapters (bench_serve.py part 1),
+#                SmolLM2-135M's shape with random weights and its tokenizer, which the device
+#                cannot fetch: carry weights/SmolLM2-135M-Instruct/tokenizer*.json there.
 # Needs torch with CUDA and, for the last, transformers in the same interpreter. Steps run in the
 # order named; logs go to $OUT.
-#     OUT=gpu-results bash bench/gpu.sh [tests] [table4] [compiled] [transformers] [int8]
+#     OUT=gpu-results bash bench/gpu.sh [tests] [table4] [compiled] [transformers] [int8] [serve]
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PY:-python3}
@@ -29,10 +32,12 @@ command_of() {  # the command of each step
                            "--runs 2 --compile" ;;
         int8) echo "$PY bench/bench_methods.py --shape llama-2-7b --device cuda --dtype bfloat16 --runs 2" \
                    "--compile --beams 1 --methods para --quantize int8" ;;
+        serve) echo "$PY bench/bench_serve.py --shape smollm2-135m --tokenizer weights/SmolLM2-135M-Instruct" \
+                    "--device cuda --compile --clients 64 --adapters 64 --requests 1 --tenants 0" ;;
         *) echo "unknown step $1" >&2; exit 2 ;;
     esac
 }
-declare -A SECONDS_OF=([tests]=150 [table4]=200 [compiled]=300 [transformers]=250 [int8]=300)
+declare -A SECONDS_OF=([tests]=150 [table4]=200 [compiled]=300 [transformers]=250 [int8]=300 [serve]=500)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 for name in $STEPS; do command_of "$name" > /dev/null || exit 2; done
