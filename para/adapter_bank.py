@@ -136,7 +136,7 @@ class AdapterBank:
             raise UserError(f"the name {name!r} is taken; unload it first")
         adapter = self._read(name, Path(path).resolve())
         with self.lock:
-            self.named[name] = Path(path).resolve()
+            self.named[name] = adapter.key[0]
         return adapter
 
     def _read(self, name: str, path: Path) -> Adapter:

@@ -152,8 +152,9 @@ def misfit(model: Transformer, layout: list[AdapterConfig], config: AdapterConfi
         return f"the bank holds no {config.method} adapters"
     if config.rank > bank.rank:
         return f"its rank {config.rank} is above the bank's {bank.rank}"
-    if config.method == "para" and (config.pool or default_pool(model.config)) != bank.pool:
-        return f"it pools {config.pool}, the bank's PARA adapters {bank.pool}"
+    pool = config.pool or default_pool(model.config)
+    if config.method == "para" and pool != bank.pool:
+        return f"it pools {pool}, the bank's PARA adapters {bank.pool}"
     missing = [site for site in config.targets if site not in bank.targets]
     return f"the bank adapts no {','.join(missing)}" if missing else None
 

@@ -58,9 +58,9 @@ class AdapterRows:
         which = [part.which for part in parts]
         joined = AdapterRows(len(parts[0].vectors), torch.cat(which + [which[0].new_zeros(pad)]))
         for layer, vectors in enumerate(zip(*(part.vectors for part in parts))):
-            if vectors[0] is not None:
-                joined.vectors[layer] = PromptVectors(*(torch.cat([*pieces, pieces[0][:1].new_ones(pad, *pieces[0].shape[1:])])
-                                                        for pieces in zip(*vectors)))
+            if vectors[0] is not None:   # each of q, v, up: the parts' rows, then `pad` rows of ones
+                joined.vectors[layer] = PromptVectors(*(torch.cat([*rows, rows[0].new_ones(pad, *rows[0].shape[1:])])
+                                                        for rows in zip(*vectors)))
         return joined
 
 

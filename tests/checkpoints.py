@@ -135,3 +135,18 @@ def write_model_with_tokenizer(folder: Path, base: dict | None = None, seed: int
     write_checkpoint(folder, cfg, seed=seed)
     write_tokenizer(folder)
     return folder
+
+
+def write_noisy_adapter(model, config, path: Path, seed: int, scale: float) -> Path:
+    """An adapter file far enough from the base that its answers differ: `config`'s fresh
+    adapter on `model` plus Gaussian noise of `scale` (seeded), saved to `path`."""
+    from para.adapter_files import save_adapter
+    from para.adapters import add_adapter, is_adapter_parameter
+    torch.manual_seed(seed)
+    add_adapter(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_parameter(name):
+                p.add_(torch.randn_like(p) * scale)
+    save_adapter(model, config, path)
+    return path

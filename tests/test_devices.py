@@ -5,11 +5,11 @@ import time
 import pytest
 import torch
 
-from checkpoints import TINY_GEMMA3, TINY_LLAMA, write_checkpoint
+from checkpoints import TINY_GEMMA3, TINY_LLAMA, write_checkpoint, write_noisy_adapter
 from conftest import run
-from para.adapter_files import install_bank, save_adapter
+from para.adapter_files import install_bank
 from para import fast
-from para.adapters import AdapterConfig, add_adapter, is_adapter_parameter, remove_adapters
+from para.adapters import AdapterConfig, remove_adapters
 from para.generation import beam_search, generate, prefill
 from para.loading import load_model
 from para.fast import BufferPool, FastDecoder
@@ -20,18 +20,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def random_adapters(model, tmp_path, n=2):
     """n PARA adapter files with random (trained-looking) generators."""
-    paths = []
-    for seed in range(n):
-        torch.manual_seed(seed)
-        config = AdapterConfig("para", rank=4)
-        add_adapter(model, config)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if is_adapter_parameter(name):
-                    p.add_(torch.randn_like(p) * 0.1)
-        paths.append(tmp_path / f"para-{seed}.pt")
-        save_adapter(model, config, paths[-1])
-    return paths
+    return [write_noisy_adapter(model, AdapterConfig("para", rank=4), tmp_path / f"para-{seed}.pt", seed, 0.1)
+            for seed in range(n)]
 
 
 def decode_all(model, decoder=None):
@@ -256,13 +246,7 @@ def test_the_compiled_scheduler_answers_as_the_eager_one(tmp_path, device):
     folder = write_model_with_tokenizer(tmp_path / "m", TINY_LLAMA)
     model = load_model(folder, device, "float32")
     paths = random_adapters(model, tmp_path)
-    torch.manual_seed(5)
-    add_adapter(model, AdapterConfig("lora", rank=4))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter_parameter(name):
-                p.add_(torch.randn_like(p) * 0.1)
-    save_adapter(model, AdapterConfig("lora", rank=4), tmp_path / "lora.pt")
+    write_noisy_adapter(model, AdapterConfig("lora", rank=4), tmp_path / "lora.pt", 5, 0.1)
     remove_adapters(model)
     named = {"a": paths[0], "b": paths[1], "c": tmp_path / "lora.pt"}
     waves = [[(PROMPTS[0], "a")], [(PROMPTS[1], "c"), (PROMPTS[0], "base")], [(PROMPTS[1], "b"), (PROMPTS[0], "c")]]

@@ -21,10 +21,10 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import para
-from checkpoints import TINY_LLAMA, write_model_with_tokenizer
+from checkpoints import TINY_LLAMA, write_model_with_tokenizer, write_noisy_adapter
 from conftest import run, user_error
-from para.adapter_files import load_adapter, save_adapter
-from para.adapters import AdapterConfig, add_adapter, is_adapter_parameter
+from para.adapter_files import load_adapter
+from para.adapters import AdapterConfig
 from test_serve import PROMPTS, Server
 
 pytestmark = pytest.mark.slow   # live servers: not in `make test-fast`
@@ -35,15 +35,7 @@ METHODS = ("para", "lora", "ia3", "para")   # PARA twice: the method made for ma
 
 def random_adapter(model, method: str, seed: int, path):
     """An adapter far enough from the base (noise on its initialisation) that its answers differ."""
-    config = AdapterConfig(method, 0 if method == "ia3" else 4)
-    torch.manual_seed(seed)
-    add_adapter(model, config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter_parameter(name):
-                p.add_(torch.randn_like(p) * 0.5)
-    save_adapter(model, config, path)
-    return path
+    return write_noisy_adapter(model, AdapterConfig(method, 0 if method == "ia3" else 4), path, seed, 0.5)
 
 
 @pytest.fixture(scope="module")
