@@ -184,8 +184,8 @@ class KVCache:
         """Store the newest slots' k, v (B, kv_heads, T, head_dim); return the keys and values
         they attend, the first `width` slots."""
         if k.shape[2] == 1:   # the slot named by a tensor (see the class's docstring)
-            self.k[layer].index_copy_(2, self.filled - 1, k)
-            self.v[layer].index_copy_(2, self.filled - 1, v)
+            self.k[layer].index_copy_(2, self.filled - 1, k.to(self.dtype))
+            self.v[layer].index_copy_(2, self.filled - 1, v.to(self.dtype))
         else:
             self.k[layer][:, :, self.width - k.shape[2]:self.width] = k
             self.v[layer][:, :, self.width - k.shape[2]:self.width] = v

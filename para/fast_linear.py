@@ -35,13 +35,11 @@ class FastLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias
-        # Weights in huge pages on a CPU: a decoding step streams every one of them (kernels.in_huge_pages)
         if quantize == "int8":
             values, scale = int8_per_channel(linear.weight)
-            self.weight = nn.Parameter(kernels.in_huge_pages(values), requires_grad=False)
+            self.weight = nn.Parameter(values, requires_grad=False)
             self.register_buffer("scale", scale)
-        else:   # the same Parameter (the model's weights are shared, not copied), its data moved
-            linear.weight.data = kernels.in_huge_pages(linear.weight.data)
+        else:   # the same Parameter: the model's weights are shared, not copied
             self.weight, self.scale = linear.weight, None
         # looked up here, not in forward: a compiled step then reads a constant
         self.fast_rows = kernels.para_rows(self.weight.dtype) if self.weight.device.type == "cpu" else frozenset()
@@ -53,26 +51,40 @@ class FastLinear(nn.Linear):
         return super().extra_repr() + (", int8" if self.scale is not None else "")
 
 
+# The order in which a decoding step calls a block's projections (para/model.py): the weights are laid
+# out in it, so that a step reads them front to back
+STEP_ORDER = ("q", "k", "v", "o", "up", "gate", "down")
+
+
 def use_fast_linears(model: Transformer, quantize: str | None = None) -> None:
     """Make every block projection and the output projection of `model` a FastLinear, in place
-    (inside any baseline wrappers); with quantize="int8", quantize their weights. Calling it
-    again changes nothing, except quantizing projections that are not yet."""
-    for block in model.layers:
-        for path in SITES.values():
-            parent_path, _, name = path.rpartition(".")
-            parent = block.get_submodule(parent_path)
-            while not isinstance(getattr(parent, name), nn.Linear):   # through adapter wrappers to the base
-                parent, name = getattr(parent, name), "base"
-            _swap(parent, name, quantize)
+    (inside any baseline wrappers); with quantize="int8", quantize their weights. On a CPU their
+    weights are then moved into one area in huge pages, in the order a step reads them
+    (kernels.homes_in_huge_pages). Calling it again changes nothing, except quantizing projections
+    that are not yet."""
     if model.lm_head is None:   # tied: an output projection of its own, sharing the embedding (copied if quantized)
         model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False,
                                   device="meta")
         model.lm_head.weight = model.embed.weight
-    _swap(model, "lm_head", quantize)
+    places = []   # (parent, name) of each projection, in step order
+    for block in model.layers:
+        for site in STEP_ORDER:
+            parent_path, _, name = SITES[site].rpartition(".")
+            parent = block.get_submodule(parent_path)
+            while not isinstance(getattr(parent, name), nn.Linear):   # through adapter wrappers to the base
+                parent, name = getattr(parent, name), "base"
+            places.append((parent, name))
+    places.append((model, "lm_head"))
+    swapped = [_swap(parent, name, quantize) for parent, name in places]
+    linears = [getattr(parent, name) for parent, name in places]
+    homes = kernels.homes_in_huge_pages([linear.weight for linear in linears]) if any(swapped) else None
+    for linear, home in zip(linears, homes or ()):   # one at a time: memory holds one weight twice at most
+        linear.weight.data = home.copy_(linear.weight.data)   # the same Parameter, shared with the model
 
 
-def _swap(parent: nn.Module, name: str, quantize: str | None) -> None:
+def _swap(parent: nn.Module, name: str, quantize: str | None) -> bool:
     linear = getattr(parent, name)
     if isinstance(linear, FastLinear) and (linear.scale is not None or quantize is None):
-        return
+        return False
     setattr(parent, name, FastLinear(linear, quantize))
+    return True

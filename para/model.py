@@ -127,12 +127,13 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H_kv, L, D): the slots attended
+            q = q.to(k.dtype)   # a cache may be wider than the model: para/fast.py's, float32 on a CPU
         if self.softcap:
             out = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         else:  # no mask means plain causal attention (a prefill from slot 0, or one token seeing all)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                  scale=self.scale, enable_gqa=True)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))          # (B, T, d_model)
+        return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(B, T, -1))   # (B, T, d_model)
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -2,6 +2,7 @@
 products, the per-machine choice, FastLinear in a model, and weight-only int8."""
 
 import json
+import mmap
 import shutil
 
 import pytest
@@ -17,15 +18,16 @@ from para.generation import beam_search, generate
 from para.loading import load_model
 
 
-def tiny(config, tmp_path, name="base"):
+def tiny(config, tmp_path, name="base", dtype=None):
     write_checkpoint(tmp_path / name, config)
-    return load_model(tmp_path / name, device="cpu")
+    return load_model(tmp_path / name, device="cpu", dtype=dtype)
 
 
 def plain_decoder(model):
     """A FastDecoder that leaves the model's nn.Linear projections as they are (new ones swap them)."""
     decoder = object.__new__(FastDecoder)
     decoder.model, decoder.pool, decoder.compiled, decoder.homes = model, None, None, {}
+    decoder.cache_dtype = model.dtype
     return decoder
 
 
@@ -128,6 +130,54 @@ def test_tied_output_projection_shares_the_embedding(tmp_path):
     assert model.lm_head is None
     use_fast_linears(model)
     assert model.lm_head.weight is model.embed.weight
+
+
+huge_pages = pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no transparent huge pages here")
+
+
+@huge_pages
+def test_homes_in_huge_pages_lie_one_after_another():
+    tensors = [torch.randn(1000, 600), torch.randn(7).bfloat16(), torch.randint(-9, 9, (512, 1000), dtype=torch.int8)]
+    homes = kernels.homes_in_huge_pages(tensors)
+    assert [(h.shape, h.dtype) for h in homes] == [(t.shape, t.dtype) for t in tensors]
+    starts = [h.data_ptr() for h in homes]
+    assert starts[0] % kernels.HUGE_PAGE == 0 and all(start % kernels.CACHE_LINE == 0 for start in starts)
+    assert starts[1] == starts[0] + 1000 * 600 * 4 and starts[2] == starts[1] + kernels.CACHE_LINE
+    assert kernels.homes_in_huge_pages([torch.randn(10)]) is None   # too small to gain
+
+
+# Large enough (2.4 MB of weights) for the projections to be moved into huge pages
+WIDE_LLAMA = dict(TINY_LLAMA, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+
+
+@huge_pages
+def test_a_steps_weights_are_laid_out_in_the_order_it_reads_them(tmp_path):
+    model = tiny(WIDE_LLAMA, tmp_path)
+    ids = torch.randint(0, WIDE_LLAMA["vocab_size"], (2, 9))
+    reference = model(ids)
+    use_fast_linears(model)
+    order = [getattr(block.attn if site in "qkvo" else block.mlp, f"{site}_proj")
+             for block in model.layers for site in ("q", "k", "v", "o", "up", "gate", "down")] + [model.lm_head]
+    starts = [linear.weight.data_ptr() for linear in order]
+    assert starts == sorted(starts) and starts[-1] - starts[0] < sum(linear.weight.nbytes for linear in order)
+    assert model.layers[0].attn.q_proj.weight is model.get_parameter("layers.0.attn.q_proj.weight")   # shared, not copied
+    torch.testing.assert_close(model(ids), reference, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_a_16_bit_model_keeps_float32_keys_on_a_cpu(tmp_path):
+    # torch's bfloat16 attention is several times slower on a CPU: keys and values are kept as
+    # exact float32 copies, and attention runs in float32 (para/fast.py)
+    full, half = tiny(TINY_LLAMA, tmp_path, "f"), tiny(TINY_LLAMA, tmp_path, "h", dtype="bfloat16")
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 9))
+    decoder = FastDecoder(half)
+    cache = decoder.new_cache(2, 12)
+    assert cache.k[0].dtype == torch.float32 and half.dtype == torch.bfloat16
+    half.hidden(ids[:, :8], cache=cache)
+    step = decoder.step(ids[:, 8], cache)
+    assert step.dtype == torch.bfloat16
+    torch.testing.assert_close(step.float(), full(ids)[:, 8], atol=0.05, rtol=0.05)
+    assert torch.equal(cache.k[0][:, :, :8].bfloat16().float(), cache.k[0][:, :, :8])   # values of bfloat16 keys
 
 
 @pytest.mark.parametrize("config", [TINY_LLAMA, TINY_GEMMA2], ids=["llama", "gemma2"])
