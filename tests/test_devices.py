@@ -54,6 +54,31 @@ def test_compiled_step_decodes_the_same_tokens_and_compiles_once_per_batch_size(
     assert torch._dynamo.config.cache_size_limit == limit   # no global setting changed behind the caller's back
 
 
+@pytest.mark.slow
+@torch.inference_mode()
+def test_a_compiled_step_sees_its_model_change_after_it_ran(tmp_path):
+    """A compiled step skips the dtype and shape checks of the projections' weights
+    (FastDecoder.guards_worth_checking): quantizing them, or installing an adapter, after it ran
+    must still compile it again."""
+    write_checkpoint(tmp_path / "m", TINY_LLAMA)
+    model = load_model(tmp_path / "m", "cpu", "float32")
+    torch._dynamo.reset()
+    compiled = FastDecoder(model, compile=True)
+
+    def step_logits(decoder, which=None):
+        cache, logits = prefill(model, PROMPTS, 4, which=which, decoder=decoder)
+        return decoder.step(logits.argmax(-1), cache)
+
+    before = step_logits(compiled)
+    FastDecoder(model, quantize="int8")   # the same model's projections, quantized in place
+    eager = step_logits(FastDecoder(model))
+    assert not torch.allclose(eager, before, atol=1e-4, rtol=0)
+    torch.testing.assert_close(step_logits(compiled), eager, atol=1e-5, rtol=1e-5)
+    install_bank(model, random_adapters(model, tmp_path))
+    eager = step_logits(FastDecoder(model), which=[1, 2])
+    torch.testing.assert_close(step_logits(compiled, which=[1, 2]), eager, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(("slots", "size"), [(1, 64), (64, 64), (65, 128), (306, 320), (513, 640), (1025, 1280)])
 def test_compiled_cache_sizes_are_few_and_at_most_a_quarter_larger(slots, size):
     assert BufferPool.size(slots) == size
