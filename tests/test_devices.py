@@ -8,7 +8,7 @@ import torch
 from checkpoints import TINY_GEMMA3, TINY_LLAMA, write_checkpoint, write_noisy_adapter
 from conftest import run
 from para.adapter_files import install_bank
-from para import fast
+from para import fast, kernels
 from para.adapters import AdapterConfig, remove_adapters
 from para.generation import beam_search, generate, prefill
 from para.loading import load_model
@@ -52,6 +52,10 @@ def test_compiled_step_decodes_the_same_tokens_and_compiles_once_per_batch_size(
         generate(model, longer * 2, 10, eos_ids=[]).tokens
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert torch._dynamo.config.cache_size_limit == limit   # no global setting changed behind the caller's back
+    if kernels.built():   # attention in the compiled step is para's (fast.DecodingAttention)
+        with torch.profiler.profile() as profile:
+            generate(model, longer * 2, 2, eos_ids=[], decoder=compiled)   # a batch size compiled above
+        assert any(event.name == "para::decode_attention" for event in profile.events())
 
 
 @pytest.mark.slow

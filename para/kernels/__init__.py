@@ -1,5 +1,6 @@
 """The matrix products of a CPU decoding step: para::linear (linear.cpp) or torch's own, chosen
-per machine by measurement.
+per machine by measurement; and its attention, para::decode_attention (attention.cpp), which
+para/fast.py puts in a compiled step.
 
 A decoding step multiplies a few rows (one per sequence) by every weight matrix, so its speed is
 the rate at which the product reads the weights. torch's F.linear calls MKL, which reads them
@@ -7,7 +8,7 @@ near the memory's rate on an Intel Xeon but at a fifth of it on an AMD EPYC (12 
 measured, float32, batch 1), and reads bfloat16 slower still. linear.cpp streams each weight row
 once for all the rows, converting bfloat16 or int8 weights to float32 in registers.
 
-It is compiled on first use with torch.utils.cpp_extension (about 30 s on 2 cores; torch keeps
+Both are compiled on first use with torch.utils.cpp_extension (about 30 s on 2 cores; torch keeps
 the build in ~/.cache/torch_extensions) for this CPU (-march=native). Which product is faster
 for 1 row and for 2-8 rows of each weight dtype is then measured once and kept in
 ~/.cache/para/kernels-<machine>.json. Where the C++ cannot be built (no compiler), torch's
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from para.files import WriteError, atomic_write
 
-SOURCE = Path(__file__).with_name("linear.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "attention.cpp")]
 MAX_ROWS = 8           # rows of x per pass over the weights; more rows go to torch's matrix product
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
@@ -67,8 +68,8 @@ def built() -> bool:
     try:
         # one build per CPU, torch and copy of the source: two checkouts, or a checkout and an
         # installed package, would otherwise rebuild each other's (torch rebuilds when the path changes)
-        where = hashlib.sha256(str(SOURCE).encode()).hexdigest()[:8]
-        cpp_extension.load(name=f"para_kernels_{machine(threads=False)}_{where}", sources=[str(SOURCE)],
+        where = hashlib.sha256(str(SOURCES[0].parent).encode()).hexdigest()[:8]
+        cpp_extension.load(name=f"para_kernels_{machine(threads=False)}_{where}", sources=[str(source) for source in SOURCES],
                            extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:   # no compiler, no headers: the products stay torch's
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -79,6 +80,10 @@ def built() -> bool:
     @torch.library.register_fake("para::linear")
     def _(x, weight, scale=None, bias=None):   # the output's shape, for torch.compile
         return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @torch.library.register_fake("para::decode_attention")
+    def _(q, k, v, mask, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
     return True
 
 
