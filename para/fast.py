@@ -35,9 +35,10 @@ RECOMPILE_LIMIT = 64
 
 
 class DecodingAttention(CustomGraphPass):
-    """A graph pass for a compiled CPU decoding step: torch's float32 attention of one query a
-    row becomes para::decode_attention (para/kernels/attention.cpp), the same arithmetic without
-    the flash kernel's set-up for blocks of queries (21 against 36 us a layer on SmolLM2)."""
+    """A graph pass for a compiled CPU decoding step (inductor's post_grad_custom_post_pass):
+    torch's float32 attention of one query a row becomes para::decode_attention
+    (para/kernels/attention.cpp), the same arithmetic without the flash kernel's set-up for
+    blocks of queries (32-44 against 56-78 us a layer on SmolLM2, docs/design.md)."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         for node in list(graph.nodes):
@@ -128,7 +129,10 @@ class FastDecoder:
                 options["cpp_wrapper"] = True
                 if kernels.built():
                     options["post_grad_custom_post_pass"] = DecodingAttention()
-            self.compiled = torch.compile(decode_hidden, fullgraph=True, dynamic=False, options=options)
+            # isolate_recompiles: this decoder's compiled steps are its own, never another decoder's
+            # (their guards are fewer: guards_worth_checking)
+            self.compiled = torch.compile(decode_hidden, fullgraph=True, dynamic=False, options=options,
+                                          isolate_recompiles=True)
 
     def guards_worth_checking(self, guards: list) -> list[bool]:
         """torch.compile checks before every step that each tensor it read still has its dtype,
