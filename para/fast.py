@@ -12,7 +12,9 @@ A FastDecoder is what generation calls to make caches and run decoding steps:
   and attends the whole buffer under the validity mask (para/cache.py). So it compiles once per
   batch size and cache size, never per position. Caches come in a few sizes from a BufferPool
   that hands a finished cache's buffers to the next one, and PARA's vectors are copied into
-  pooled homes: a CUDA graph then finds every input at the address it recorded.
+  pooled homes: a CUDA graph then finds every input at the address it recorded. On a CPU a graph
+  pass puts para::decode_attention in place of torch's attention (DecodingAttention);
+- on a CPU a 16-bit model's keys and values are kept in float32, where attention is faster.
 Nothing here changes a global torch setting: the one dynamo limit raised is raised around the
 compiled call only.
 """
