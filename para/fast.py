@@ -150,10 +150,8 @@ class FastDecoder:
 
     def new_cache(self, batch_size: int, max_len: int, which: torch.Tensor | None = None) -> KVCache:
         """An empty cache for at least max_len slots (see Transformer.new_cache); compiled, from the pool."""
-        if self.pool is None:
-            return KVCache(self.model.config, batch_size, max_len, self.model.device, self.cache_dtype, which)
-        return KVCache(self.model.config, batch_size, BufferPool.size(max_len), self.model.device,
-                       self.cache_dtype, which, allocate=self.take_buffers)
+        size, allocate = (max_len, None) if self.pool is None else (BufferPool.size(max_len), self.take_buffers)
+        return KVCache(self.model.config, batch_size, size, self.model.device, self.cache_dtype, which, allocate=allocate)
 
     def take_buffers(self, cache: KVCache, batch_size: int, max_len: int) -> list[torch.Tensor]:
         """A cache's buffers from the pool, with homes for PARA's vectors when the model has PARA."""

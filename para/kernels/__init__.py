@@ -69,8 +69,9 @@ def built() -> bool:
         # one build per CPU, torch and copy of the source: two checkouts, or a checkout and an
         # installed package, would otherwise rebuild each other's (torch rebuilds when the path changes)
         where = hashlib.sha256(str(SOURCES[0].parent).encode()).hexdigest()[:8]
-        cpp_extension.load(name=f"para_kernels_{machine(threads=False)}_{where}", sources=[str(source) for source in SOURCES],
-                           extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+        cpp_extension.load(name=f"para_kernels_{machine(threads=False)}_{where}",
+                           sources=[str(source) for source in SOURCES], extra_cflags=FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:   # no compiler, no headers: the products stay torch's
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"para: warning: linear.cpp could not be built ({reason}); decoding uses torch's products",
@@ -107,7 +108,8 @@ def homes_in_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor] | Non
     offset = -ctypes.addressof(ctypes.c_char.from_buffer(area)) % HUGE_PAGE
     homes = []
     for t, size in zip(tensors, sizes):
-        homes.append(torch.frombuffer(area, dtype=torch.uint8, count=t.nbytes, offset=offset).view(t.dtype).view(t.shape))
+        home = torch.frombuffer(area, dtype=torch.uint8, count=t.nbytes, offset=offset)
+        homes.append(home.view(t.dtype).view(t.shape))
         offset += size
     return homes
 
