@@ -62,25 +62,31 @@ def test_compiled_step_decodes_the_same_tokens_and_compiles_once_per_batch_size(
 @torch.inference_mode()
 def test_a_compiled_step_sees_its_model_change_after_it_ran(tmp_path):
     """A compiled step skips the dtype and shape checks of the projections' weights
-    (FastDecoder.guards_worth_checking): quantizing them, or installing an adapter, after it ran
-    must still compile it again."""
+    (FastDecoder.guards_worth_checking), and after a cache's first step all checks but the
+    tensors': quantizing the projections, or installing an adapter, after it ran must still
+    compile it again, and each cache's later steps must run the step compiled for it."""
     write_checkpoint(tmp_path / "m", TINY_LLAMA)
     model = load_model(tmp_path / "m", "cpu", "float32")
     torch._dynamo.reset()
     compiled = FastDecoder(model, compile=True)
 
-    def step_logits(decoder, which=None):
-        cache, logits = prefill(model, PROMPTS, 4, which=which, decoder=decoder)
-        return decoder.step(logits.argmax(-1), cache)
+    def steps_logits(decoder, which=None, prompts=PROMPTS):   # three steps of one cache
+        cache, logits = prefill(model, prompts, 4, which=which, decoder=decoder)
+        steps = []
+        for _ in range(3):
+            steps.append(decoder.step(logits.argmax(-1), cache))
+            logits = steps[-1]
+        return torch.stack(steps)
 
-    before = step_logits(compiled)
+    before = steps_logits(compiled)
     FastDecoder(model, quantize="int8")   # the same model's projections, quantized in place
-    eager = step_logits(FastDecoder(model))
+    eager = steps_logits(FastDecoder(model))
     assert not torch.allclose(eager, before, atol=1e-4, rtol=0)
-    torch.testing.assert_close(step_logits(compiled), eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(steps_logits(compiled), eager, atol=1e-5, rtol=1e-5)
     install_bank(model, random_adapters(model, tmp_path))
-    eager = step_logits(FastDecoder(model), which=[1, 2])
-    torch.testing.assert_close(step_logits(compiled, which=[1, 2]), eager, atol=1e-5, rtol=1e-5)
+    for which, prompts in (([1, 2], PROMPTS), (None, PROMPTS[:1]), ([2, 0], PROMPTS), (None, PROMPTS)) * 2:
+        eager = steps_logits(FastDecoder(model), which, prompts)
+        torch.testing.assert_close(steps_logits(compiled, which, prompts), eager, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("slots", "size"), [(1, 64), (64, 64), (65, 128), (306, 320), (513, 640), (1025, 1280)])
