@@ -64,12 +64,14 @@ def test_para_linear_matches_torch(dtype, rows):
 
 
 @needs_kernel
-@pytest.mark.parametrize(("rows", "heads", "kv_heads", "slots", "dim"), [(1, 9, 3, 320, 64), (3, 4, 2, 37, 24), (2, 2, 2, 5, 16)])
+@pytest.mark.parametrize(("rows", "heads", "kv_heads", "slots", "dim"),
+                         [(1, 9, 3, 320, 64), (3, 4, 2, 37, 24), (2, 2, 2, 5, 16), (2, 4, 1, 700, 32)])
 def test_decode_attention_matches_torchs(rows, heads, kv_heads, slots, dim):
     generator = torch.Generator().manual_seed(slots)
     q = torch.randn(rows, heads, 1, dim, generator=generator)
     k, v = (torch.randn(rows, kv_heads, slots, dim, generator=generator) * 3 for _ in range(2))
     valid = torch.rand(rows, 1, 1, slots, generator=generator) > 0.3
+    valid[0, ..., slots // 3:] = False   # most slots masked (a cache not yet filled)
     valid[..., -1] = True   # a query sees at least itself
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=valid, scale=0.3, enable_gqa=True)
     additive = torch.where(valid, 0.0, float("-inf"))
@@ -77,6 +79,9 @@ def test_decode_attention_matches_torchs(rows, heads, kv_heads, slots, dim):
         torch.testing.assert_close(torch.ops.para.decode_attention(q, k, v, mask, 0.3), expected, atol=1e-5, rtol=1e-5)
     unmasked = F.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True)
     torch.testing.assert_close(torch.ops.para.decode_attention(q, k, v, None, 0.3), unmasked, atol=1e-5, rtol=1e-5)
+    shared = valid[:1]   # one mask for every row, broadcast
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=shared, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(torch.ops.para.decode_attention(q, k, v, shared, 0.3), expected, atol=1e-5, rtol=1e-5)
     # scores far apart: e^x of large negative differences is 0, never NaN
     far = torch.ops.para.decode_attention(q * 1e3, k, v, additive, 1.0)
     assert torch.isfinite(far).all()
