@@ -15,8 +15,8 @@ A FastDecoder is what generation calls to make caches and run decoding steps:
   pooled homes: a CUDA graph then finds every input at the address it recorded. On a CPU a graph
   pass puts para::decode_attention in place of torch's attention (DecodingAttention);
 - on a CPU a 16-bit model's keys and values are kept in float32, where attention is faster.
-Nothing here changes a global torch setting: the one dynamo limit raised is raised around the
-compiled call only.
+Nothing here changes a global torch setting: the dynamo limit raised, and the stance that skips
+all but the tensors' guards after a cache's first step, hold around the compiled call only.
 """
 
 from __future__ import annotations
@@ -188,7 +188,9 @@ class FastDecoder:
         return head(h, weight, self.model.config.final_logit_softcapping)
 
     def hidden(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """decode_hidden, compiled where asked."""
+        """decode_hidden, compiled where asked. A cache's first compiled step checks all of
+        torch.compile's guards, its later steps only the tensors' (1.3 against 0.2 ms a step):
+        between two steps of one cache only tensors change. Change a model between generations."""
         if self.compiled is None:
             return decode_hidden(self.model, tokens, cache)
         self.move_vectors_home(cache)
