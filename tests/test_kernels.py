@@ -31,7 +31,7 @@ def plain_decoder(model):
     return decoder
 
 
-needs_kernel = pytest.mark.skipif(not kernels.built(), reason="linear.cpp could not be built here")
+needs_kernel = pytest.mark.skipif(not kernels.built(), reason="para/kernels could not be built here")
 
 
 def test_the_kernel_builds_where_a_compiler_is():

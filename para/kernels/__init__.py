@@ -72,10 +72,10 @@ def built() -> bool:
         cpp_extension.load(name=f"para_kernels_{machine(threads=False)}_{where}",
                            sources=[str(source) for source in SOURCES], extra_cflags=FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False)
-    except Exception as e:   # no compiler, no headers: the products stay torch's
+    except Exception as e:   # no compiler, no headers: the products and attention stay torch's
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"para: warning: linear.cpp could not be built ({reason}); decoding uses torch's products",
-              file=sys.stderr)
+        print(f"para: warning: para/kernels could not be built ({reason}); "
+              "decoding uses torch's products and attention", file=sys.stderr)
         return False
 
     @torch.library.register_fake("para::linear")
