@@ -1,6 +1,7 @@
 """Projections for decoding speed, swapped into a model from outside (para/model.py never knows):
 a FastLinear is an nn.Linear whose product is para::linear where that reads the weights faster
-on this machine (para/kernels), and which can hold its weights in int8.
+on this machine, and oneDNN's for a prompt's many rows where that is faster (para/kernels), and
+which can hold its weights in int8.
 
 Weight-only int8, as gpt-fast's: each output channel (row of W) keeps int8 values and one
 float32 scale, q = round(w / s) with s = max|w| / 127, and y = (x q^T) * s. Activations, norms,
@@ -41,11 +42,13 @@ class FastLinear(nn.Linear):
             self.register_buffer("scale", scale)
         else:   # the same Parameter: the model's weights are shared, not copied
             self.weight, self.scale = linear.weight, None
-        # looked up here, not in forward: a compiled step then reads a constant
-        self.fast_rows = kernels.para_rows(self.weight.dtype) if self.weight.device.type == "cpu" else frozenset()
+        # looked up here, not in forward: a compiled step then reads constants
+        on_cpu = self.weight.device.type == "cpu"
+        self.fast_rows = kernels.para_rows(self.weight.dtype) if on_cpu else frozenset()
+        self.onednn = on_cpu and self.weight.dtype == torch.float32 and kernels.onednn_prefill()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.scale, self.bias, self.fast_rows)
+        return kernels.linear(x, self.weight, self.scale, self.bias, self.fast_rows, self.onednn)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", int8" if self.scale is not None else "")

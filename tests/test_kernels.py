@@ -112,6 +112,38 @@ def test_choice_is_measured_once_and_kept(tmp_path, monkeypatch):
         kernels.para_rows.cache_clear()
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_a_prompts_float32_rows_through_onednn_match_torch():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 11, 147, generator=generator)
+    weight, bias = torch.randn(203, 147, generator=generator), torch.randn(203, generator=generator)
+    got = kernels.linear(x, weight, None, bias, frozenset(), onednn=True)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    # with a gradient to compute, torch's product runs: oneDNN's is called without one
+    weight.requires_grad_(True)
+    kernels.linear(x, weight, None, bias, frozenset(), onednn=True).sum().backward()
+    torch.testing.assert_close(weight.grad, x.sum(dim=(0, 1)).expand(203, 147).contiguous())
+
+
+def test_the_prefill_choice_is_measured_once_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("PARA_KERNELS", "measure")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    measured = []
+    monkeypatch.setattr(kernels, "faster_prefill", lambda: measured.append(1) or "onednn")
+    kernels.onednn_prefill.cache_clear()
+    try:
+        assert kernels.onednn_prefill() and measured == [1]
+        kernels.onednn_prefill.cache_clear()   # a new process: read from the file
+        assert kernels.onednn_prefill() and measured == [1]
+        assert json.loads(kernels.choice_file().read_text()) == {"float32 prefill": "onednn"}
+        monkeypatch.setenv("PARA_KERNELS", "torch")
+        kernels.onednn_prefill.cache_clear()
+        assert not kernels.onednn_prefill()
+    finally:
+        kernels.onednn_prefill.cache_clear()
+
+
 def test_torch_products_only_when_asked(monkeypatch):
     monkeypatch.setenv("PARA_KERNELS", "torch")
     kernels.built.cache_clear()

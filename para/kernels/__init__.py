@@ -1,6 +1,7 @@
 """The matrix products of a CPU decoding step: para::linear (linear.cpp) or torch's own, chosen
-per machine by measurement; and its attention, para::decode_attention (attention.cpp), which
-para/fast.py puts in a compiled step.
+per machine by measurement; its attention, para::decode_attention (attention.cpp), which
+para/fast.py puts in a compiled step; and a prompt's float32 products: oneDNN's or torch's
+default (MKL), chosen by measurement too.
 
 A decoding step multiplies a few rows (one per sequence) by every weight matrix, so its speed is
 the rate at which the product reads the weights. torch's F.linear calls MKL, which reads them
@@ -129,6 +130,22 @@ def choice_file() -> Path:
     return cache / "para" / f"kernels-{machine()}.json"
 
 
+def kept_choice(key: str, measure) -> object:
+    """choice_file()[key], measured (measure()) and written there the first time."""
+    path = choice_file()
+    try:
+        choices = json.loads(path.read_text())
+    except (OSError, ValueError):
+        choices = {}
+    if key not in choices:
+        choices[key] = measure()
+        try:
+            atomic_write(path, lambda f: f.write(json.dumps(choices, indent=1).encode()))
+        except WriteError:   # a cache it cannot keep: the choice holds for this process only
+            pass
+    return choices[key]
+
+
 @functools.cache
 def para_rows(weight_dtype: torch.dtype) -> frozenset[int]:
     """The row counts (of 1..MAX_ROWS) at which para::linear beats torch's product for weights
@@ -137,19 +154,44 @@ def para_rows(weight_dtype: torch.dtype) -> frozenset[int]:
         return frozenset()
     if mode() == "para":
         return frozenset(range(1, MAX_ROWS + 1))
-    key, path = str(weight_dtype).removeprefix("torch."), choice_file()
-    try:
-        choices = json.loads(path.read_text())
-    except (OSError, ValueError):
-        choices = {}
-    if key not in choices:
-        choices[key] = {str(rows): faster(weight_dtype, rows) for rows in (1, MAX_ROWS)}
-        try:
-            atomic_write(path, lambda f: f.write(json.dumps(choices, indent=1).encode()))
-        except WriteError:   # a cache it cannot keep: the choice holds for this process only
-            pass
-    one, several = choices[key]["1"], choices[key][str(MAX_ROWS)]
+    choice = kept_choice(str(weight_dtype).removeprefix("torch."),
+                         lambda: {str(rows): faster(weight_dtype, rows) for rows in (1, MAX_ROWS)})
+    one, several = choice["1"], choice[str(MAX_ROWS)]
     return frozenset(rows for rows in range(1, MAX_ROWS + 1) if (one if rows == 1 else several) == "para")
+
+
+@functools.cache
+def onednn_prefill() -> bool:
+    """Whether oneDNN's float32 matrix product beats torch's default (MKL) for many rows (a
+    prompt's) on this machine: measured once, then read from choice_file(). On the AMD EPYC it
+    took a prefill of 8 x 274 tokens from 4.70 to 4.01 s (MKL's slow paths again)."""
+    if mode() == "torch" or not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    return mode() == "para" or kept_choice("float32 prefill", faster_prefill) == "onednn"
+
+
+def quickest(products: dict, calls: list[tuple]) -> str:
+    """The name of the product that runs `calls` (argument tuples) fastest, interleaved, best of 3."""
+    seconds = {}
+    with torch.inference_mode():
+        for name, product in list(products.items()) * 3:
+            start = time.perf_counter()
+            for args in calls:
+                product(*args)
+            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - start)
+    return min(seconds, key=seconds.get)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def faster_prefill() -> str:
+    """'onednn' or 'torch': which multiplies 512 float32 rows by a few 2048 x 2048 weights faster."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 2048, generator=generator)
+    calls = [(x, torch.randn(2048, 2048, generator=generator)) for _ in range(3)]
+    return quickest({"onednn": onednn_linear, "torch": F.linear}, calls)
 
 
 def faster(weight_dtype: torch.dtype, rows: int) -> str:
@@ -164,25 +206,23 @@ def faster(weight_dtype: torch.dtype, rows: int) -> str:
     else:
         weights = [w.to(weight_dtype) for w in weights]
     x = torch.randn(rows, 2048, generator=generator).to(torch.float32 if weight_dtype == torch.int8 else weight_dtype)
-    seconds = {}
-    with torch.inference_mode():
-        for name, product in (("para", torch.ops.para.linear), ("torch", torch_linear)) * 3:   # interleaved, the best of 3
-            start = time.perf_counter()
-            for _ in range(3):
-                for w, s in zip(weights, scales):
-                    product(x, w, s)
-            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - start)
-    return min(seconds, key=seconds.get)
+    calls = [(x, w, s) for _ in range(3) for w, s in zip(weights, scales)]
+    return quickest({"para": torch.ops.para.linear, "torch": torch_linear}, calls)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-           bias: torch.Tensor | None = None, fast_rows: frozenset[int] | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, fast_rows: frozenset[int] | None = None,
+           onednn: bool | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T, times scale (N,) for int8 weights, plus bias, with
-    para::linear where x has one of fast_rows rows (default: para_rows(weight.dtype); a compiled
-    caller passes them, looked up beforehand). para::linear has no backward: where a gradient is
-    needed, torch's product runs."""
+    para::linear where x has one of fast_rows rows (default: para_rows(weight.dtype)), and with
+    oneDNN for more than MAX_ROWS float32 rows where `onednn` (default: onednn_prefill()); a
+    compiled caller passes both, looked up beforehand. Neither has a backward: where a gradient
+    is needed, torch's product runs."""
     fast_rows = para_rows(weight.dtype) if fast_rows is None else fast_rows
-    if x.device.type == "cpu" and x.numel() // x.shape[-1] in fast_rows and weight.is_contiguous() \
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    rows, needs_grad = x.numel() // x.shape[-1], torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if x.device.type == "cpu" and rows in fast_rows and weight.is_contiguous() and not needs_grad:
         return torch.ops.para.linear(x, weight, scale, bias)
+    if x.device.type == "cpu" and rows > MAX_ROWS and x.dtype == weight.dtype == torch.float32 and not needs_grad \
+            and (onednn_prefill() if onednn is None else onednn):
+        return onednn_linear(x, weight, bias)
     return torch_linear(x, weight, scale, bias)

@@ -1,0 +1,68 @@
+"""A decoding step's products alone: the 210 block projections of a SmolLM2-135M step (30 layers of
+Q, K, V, O, up, gate, down; random weights laid out as para lays out a model's), multiplied by
+1 to 8 rows of x with para::linear and with torch's product, alternating, and a plain sum over
+1 GiB as the machine's memory rate in the same run (bench/RESULTS.md, docs/design.md).
+
+    python bench/bench_products.py --dtype float32 --rows 1 2 4 8 [--passes 15]
+
+Prints GB/s of weights read, median and best of the passes, per product and row count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from para import kernels
+
+HIDDEN, KV, FFN, LAYERS = 576, 192, 1536, 30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--passes", type=int, default=15)
+    args = parser.parse_args()
+    if not kernels.built():
+        raise SystemExit("para/kernels could not be built here: nothing to compare")
+    dtype = getattr(torch, args.dtype)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (FFN, HIDDEN), (FFN, HIDDEN),
+              (HIDDEN, FFN)] * LAYERS
+    weights = kernels.homes_in_huge_pages([torch.empty(shape, dtype=dtype) for shape in shapes]) \
+        or [torch.empty(shape, dtype=dtype) for shape in shapes]
+    for w in weights:
+        w.copy_(torch.randint(-127, 128, w.shape, generator=generator, dtype=torch.int8) if dtype == torch.int8
+                else torch.randn(w.shape, generator=generator).to(dtype))
+    scales = {n: torch.rand(n, generator=generator) if dtype == torch.int8 else None for n in (HIDDEN, KV, FFN)}
+    x_dtype = torch.float32 if dtype == torch.int8 else dtype   # a bfloat16 model's rows are bfloat16
+    nbytes = sum(w.nbytes for w in weights)
+    big = torch.ones(2 ** 28)
+    products = {"para::linear": torch.ops.para.linear, "torch": kernels.torch_linear}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype} weights, "
+          f"{nbytes / 1e6:.0f} MB a step, {args.passes} alternating passes")
+    print("| rows of x | para::linear GB/s (median / best) | torch GB/s | sum GB/s |")
+    print("| --- | --- | --- | --- |")
+    with torch.inference_mode():
+        for rows in args.rows:
+            x = {k: torch.randn(rows, k, generator=generator).to(x_dtype) for k in (HIDDEN, FFN)}
+            rates = {name: [] for name in (*products, "sum")}
+            for _ in range(args.passes):
+                for name, product in products.items():
+                    start = time.perf_counter()
+                    for w in weights:
+                        product(x[w.shape[1]], w, scales[w.shape[0]])
+                    rates[name].append(nbytes / (time.perf_counter() - start) / 1e9)
+                start = time.perf_counter()
+                big.sum().item()
+                rates["sum"].append(big.nbytes / (time.perf_counter() - start) / 1e9)
+            cells = [f"{statistics.median(r):.1f} / {max(r):.1f}" for r in rates.values()]
+            print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
