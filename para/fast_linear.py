@@ -45,7 +45,7 @@ class FastLinear(nn.Linear):
         # looked up here, not in forward: a compiled step then reads constants
         on_cpu = self.weight.device.type == "cpu"
         self.fast_rows = kernels.para_rows(self.weight.dtype) if on_cpu else frozenset()
-        self.onednn = on_cpu and self.weight.dtype == torch.float32 and kernels.onednn_prefill()
+        self.onednn = on_cpu and self.weight.dtype in kernels.ONEDNN_WEIGHTS and kernels.onednn_prefill()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.scale, self.bias, self.fast_rows, self.onednn)

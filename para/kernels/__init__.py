@@ -116,10 +116,10 @@ def homes_in_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor] | Non
 
 
 def torch_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The same product with torch's own kernels: int8 weights are converted to x's dtype first
-    (as gpt-fast does; on a GPU torch.compile fuses the conversion into the product)."""
-    y = F.linear(x, weight.to(x.dtype))
+                 bias: torch.Tensor | None = None, product=F.linear) -> torch.Tensor:
+    """The same product with torch's own kernels (`product`): int8 weights are converted to x's
+    dtype first (as gpt-fast does; on a GPU torch.compile fuses the conversion into the product)."""
+    y = product(x, weight.to(x.dtype))
     if scale is not None:
         y = y * scale.to(y.dtype)
     return y if bias is None else y + bias.to(y.dtype)
@@ -182,6 +182,9 @@ def quickest(products: dict, calls: list[tuple]) -> str:
     return min(seconds, key=seconds.get)
 
 
+ONEDNN_WEIGHTS = (torch.float32, torch.int8)   # int8 weights are converted to float32 first, as for torch's
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -215,14 +218,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
            onednn: bool | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T, times scale (N,) for int8 weights, plus bias, with
     para::linear where x has one of fast_rows rows (default: para_rows(weight.dtype)), and with
-    oneDNN for more than MAX_ROWS float32 rows where `onednn` (default: onednn_prefill()); a
-    compiled caller passes both, looked up beforehand. Neither has a backward: where a gradient
-    is needed, torch's product runs."""
+    oneDNN for more than MAX_ROWS float32 rows (float32 or int8 weights) where `onednn`
+    (default: onednn_prefill()); a compiled caller passes both, looked up beforehand. Neither
+    has a backward: where a gradient is needed, torch's product runs."""
     fast_rows = para_rows(weight.dtype) if fast_rows is None else fast_rows
     rows, needs_grad = x.numel() // x.shape[-1], torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.device.type == "cpu" and rows in fast_rows and weight.is_contiguous() and not needs_grad:
         return torch.ops.para.linear(x, weight, scale, bias)
-    if x.device.type == "cpu" and rows > MAX_ROWS and x.dtype == weight.dtype == torch.float32 and not needs_grad \
-            and (onednn_prefill() if onednn is None else onednn):
-        return onednn_linear(x, weight, bias)
+    if x.device.type == "cpu" and rows > MAX_ROWS and x.dtype == torch.float32 and weight.dtype in ONEDNN_WEIGHTS \
+            and not needs_grad and (onednn_prefill() if onednn is None else onednn):
+        return torch_linear(x, weight, scale, bias, product=onednn_linear)
     return torch_linear(x, weight, scale, bias)
