@@ -122,6 +122,9 @@ def test_a_prompts_float32_rows_through_onednn_match_torch():
     values, scale = int8_per_channel(weight)   # an int8 model's prefill: converted to float32 first
     got = kernels.linear(x, values, scale, bias, frozenset(), onednn=True)
     torch.testing.assert_close(got, F.linear(x, values.float()) * scale + bias, atol=1e-5, rtol=1e-5)
+    # in a compiled step (a server's batch of more than 8 rows), torch's product is compiled
+    compiled = torch.compile(lambda x: kernels.linear(x, weight, None, bias, frozenset(), onednn=True), fullgraph=True)
+    torch.testing.assert_close(compiled(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
     # with a gradient to compute, torch's product runs: oneDNN's is called without one
     weight.requires_grad_(True)
     kernels.linear(x, weight, None, bias, frozenset(), onednn=True).sum().backward()

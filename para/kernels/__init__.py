@@ -219,13 +219,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     """x (..., K) @ weight (N, K)^T, times scale (N,) for int8 weights, plus bias, with
     para::linear where x has one of fast_rows rows (default: para_rows(weight.dtype)), and with
     oneDNN for more than MAX_ROWS float32 rows (float32 or int8 weights) where `onednn`
-    (default: onednn_prefill()); a compiled caller passes both, looked up beforehand. Neither
-    has a backward: where a gradient is needed, torch's product runs."""
+    (default: onednn_prefill()) and not compiling (inductor failed to lower the call, 9 or more
+    rows in a compiled step); a compiled caller passes both, looked up beforehand. Neither has a
+    backward: where a gradient is needed, torch's product runs."""
     fast_rows = para_rows(weight.dtype) if fast_rows is None else fast_rows
     rows, needs_grad = x.numel() // x.shape[-1], torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.device.type == "cpu" and rows in fast_rows and weight.is_contiguous() and not needs_grad:
         return torch.ops.para.linear(x, weight, scale, bias)
     if x.device.type == "cpu" and rows > MAX_ROWS and x.dtype == torch.float32 and weight.dtype in ONEDNN_WEIGHTS \
-            and not needs_grad and (onednn_prefill() if onednn is None else onednn):
+            and not needs_grad and not torch.compiler.is_compiling() and (onednn_prefill() if onednn is None else onednn):
         return torch_linear(x, weight, scale, bias, product=onednn_linear)
     return torch_linear(x, weight, scale, bias)
