@@ -17,8 +17,11 @@ import time
 import torch
 
 from para import kernels
+from shapes import SHAPES
 
-HIDDEN, KV, FFN, LAYERS = 576, 192, 1536, 30
+SMOLLM2 = SHAPES["smollm2-135m"]
+HIDDEN, FFN, LAYERS = SMOLLM2["hidden_size"], SMOLLM2["intermediate_size"], SMOLLM2["num_hidden_layers"]
+KV = SMOLLM2["num_key_value_heads"] * SMOLLM2["head_dim"]   # a K or V projection's outputs
 
 
 def main() -> None:
