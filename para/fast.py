@@ -126,7 +126,10 @@ class FastDecoder:
         self.checked: weakref.WeakKeyDictionary[KVCache, tuple[int, int]] = weakref.WeakKeyDictionary()
         self.compiled = None
         if compile:
-            options = {"guard_filter_fn": self.guards_worth_checking}   # (torch.compile takes a mode or options)
+            # (torch.compile takes a mode or options.) size_asserts: the compiled code would check
+            # every input's sizes and strides again at each step, after the guards (and FastLinears'
+            # weights never change: guards_worth_checking); 3-4% of a CPU step (docs/design.md)
+            options = {"guard_filter_fn": self.guards_worth_checking, "size_asserts": False}
             if model.device.type == "cuda":   # mode "reduce-overhead": CUDA graphs
                 options["triton.cudagraphs"] = True
             else:   # C++ calls the kernels instead of Python: a step 1.5 ms faster, a compilation 45 s longer
