@@ -1,7 +1,9 @@
 """Prefill and decode speed of a checkpoint, in the paper's setting (274-token prompt, 32 new
 tokens), at batch 1 and 8, greedy and 3 beams, with decode speed as a fraction of the
 memory-read bound (every weight byte is read once per decoding step, at the rate a sum over
-1 GiB reads memory; a greedy step reads the output projection's bfloat16 copy on a CPU).
+1 GiB reads memory; a greedy step reads the output projection's bfloat16 copy on a CPU). The sum
+is measured again right before each run and each run is set against its own: a shared machine's
+memory rate drifts (26-45 GB/s within one session on the AMD EPYC VM).
 
     python bench/bench_decode.py [--model DIR | --shape NAME] [--device cpu|cuda] [--dtype ...] [--runs 3]
                                  [--compile] [--quantize int8]
@@ -32,15 +34,16 @@ def main() -> None:
     model, _, ids = load_with_prompt(args)
     decoder = FastDecoder(model, compile=args.compile, quantize=args.quantize)
     weight_bytes = step_bytes(model, greedy=False)
-    bandwidth = read_bandwidth(model.device)
     print(f"{device_name(model.device)}, dtype {model.dtype}, {'compiled step' if args.compile else 'eager'}, "
-          f"weights {weight_bytes / 1e6:.0f} MB, memory read {bandwidth / 1e9:.1f} GB/s")
-    print(f"prompt {len(ids)} tokens, {NEW_TOKENS} new tokens, median of {args.runs} runs")
-    print(f"{'batch':>5} {'beams':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'of bound':>9}")
+          f"weights {weight_bytes / 1e6:.0f} MB")
+    print(f"prompt {len(ids)} tokens, {NEW_TOKENS} new tokens, median of {args.runs} runs; "
+          "of bound: the median of each run's decode rate over the bound from the sum just before it")
+    print(f"{'batch':>5} {'beams':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'of bound':>9} {'memory read GB/s':>17}")
     for batch in args.batch_sizes:
         for beams in (1, 3):
-            prefill_rates, decode_rates = [], []
+            prefill_rates, decode_rates, bandwidths = [], [], []
             for _ in range(args.runs + 1):  # the first run warms up
+                bandwidths.append(read_bandwidth(model.device))
                 if beams == 1:
                     result = generate(model, [ids] * batch, NEW_TOKENS, eos_ids=[], decoder=decoder)
                 else:
@@ -51,8 +54,10 @@ def main() -> None:
             prefill_rate = statistics.median(prefill_rates[1:])
             decode_rate = statistics.median(decode_rates[1:])
             # Each step reads every weight once and yields one token per prompt.
-            bound = batch * bandwidth / step_bytes(model, greedy=beams == 1)
-            print(f"{batch:>5} {beams:>5} {prefill_rate:>14.1f} {decode_rate:>13.1f} {decode_rate / bound:>8.0%}")
+            of_bound = statistics.median(rate * step_bytes(model, greedy=beams == 1) / (batch * bandwidth)
+                                         for rate, bandwidth in zip(decode_rates[1:], bandwidths[1:]))
+            read = f"{min(bandwidths[1:]) / 1e9:.1f}-{max(bandwidths[1:]) / 1e9:.1f}"
+            print(f"{batch:>5} {beams:>5} {prefill_rate:>14.1f} {decode_rate:>13.1f} {of_bound:>8.0%} {read:>17}")
 
 
 if __name__ == "__main__":
