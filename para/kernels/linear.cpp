@@ -4,9 +4,8 @@
 // weights costs. This kernel streams each weight row once from memory and uses it for all rows
 // of x, converting bfloat16 or int8 weights to float32 in registers (x and the sums stay
 // float32); from 2 rows of x on (3 for bfloat16 pairs), several weight rows share each load of
-// x (tile_rows). Built on first use
-// by para/kernels/__init__.py with -march=native, so the AVX-512 path is taken where the CPU has
-// it; elsewhere the plain loop is vectorised by the compiler.
+// x (tile_rows). Built on first use by para/kernels/__init__.py with -march=native, so the
+// AVX-512 path is taken where the CPU has it; elsewhere the plain loop is vectorised by the compiler.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
