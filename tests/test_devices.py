@@ -89,6 +89,32 @@ def test_a_compiled_step_sees_its_model_change_after_it_ran(tmp_path):
         torch.testing.assert_close(steps_logits(compiled, which, prompts), eager, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+@torch.inference_mode()
+def test_a_caches_later_compiled_steps_call_the_compiled_code_directly(tmp_path):
+    """On a CPU a cache's first compiled step goes through torch.compile, and its later steps
+    call the compiled code directly (fast.StepCall), with an eager decoder's logits; after a
+    reorder gives the cache other tensors (its rows' adapter slots, which LoRA reads at every
+    step), steps go through it again."""
+    write_checkpoint(tmp_path / "m", TINY_LLAMA)
+    model = load_model(tmp_path / "m", "cpu", "float32")
+    lora = [write_noisy_adapter(model, AdapterConfig("lora", 2), tmp_path / f"lora-{seed}.pt", seed, 0.1) for seed in (0, 1)]
+    install_bank(model, lora)
+    compiled, eager = FastDecoder(model, compile=True), FastDecoder(model)
+    cache, logits = prefill(model, PROMPTS, 4, which=[1, 2], decoder=compiled)
+    eager_cache, _ = prefill(model, PROMPTS, 4, which=[1, 2], decoder=eager)
+    through_dynamo, dynamo = [], compiled.compiled
+    compiled.compiled = lambda *args: through_dynamo.append(1) or dynamo(*args)
+    for step in range(4):
+        if step == 2:
+            for c in (cache, eager_cache):
+                c.reorder(torch.tensor([1, 0]))
+        expected = eager.step(logits.argmax(-1), eager_cache)
+        torch.testing.assert_close(compiled.step(logits.argmax(-1), cache), expected, atol=1e-5, rtol=1e-5)
+        logits = expected
+    assert len(through_dynamo) == 3   # the first step, and each after the reorder
+
+
 @pytest.mark.parametrize(("slots", "size"), [(1, 64), (64, 64), (65, 128), (306, 320), (513, 640), (1025, 1280)])
 def test_compiled_cache_sizes_are_few_and_at_most_a_quarter_larger(slots, size):
     assert BufferPool.size(slots) == size
