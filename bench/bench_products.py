@@ -3,9 +3,10 @@ Q, K, V, O, up, gate, down; random weights laid out as para lays out a model's),
 1 to 8 rows of x with para::linear and with torch's product, alternating, and a plain sum over
 1 GiB as the machine's memory rate in the same run (bench/RESULTS.md, docs/design.md).
 
-    python bench/bench_products.py --dtype float32 --rows 1 2 4 8 [--passes 15]
+    python bench/bench_products.py --dtype float32 --rows 1 2 4 8 [--passes 15] [--threads 1 2]
 
-Prints GB/s of weights read, median and best of the passes, per product and row count.
+Prints GB/s of weights read, median and best of the passes, per product, row count and number
+of threads (default: torch's).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--passes", type=int, default=15)
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     args = parser.parse_args()
     if not kernels.built():
         raise SystemExit("para/kernels could not be built here: nothing to compare")
@@ -46,12 +48,13 @@ def main() -> None:
     nbytes = sum(w.nbytes for w in weights)
     big = torch.ones(2 ** 28)
     products = {"para::linear": torch.ops.para.linear, "torch": kernels.torch_linear}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype} weights, "
-          f"{nbytes / 1e6:.0f} MB a step, {args.passes} alternating passes")
-    print("| rows of x | para::linear GB/s (median / best) | torch GB/s | sum GB/s |")
-    print("| --- | --- | --- | --- |")
+    print(f"torch {torch.__version__}, {args.dtype} weights, {nbytes / 1e6:.0f} MB a step, "
+          f"{args.passes} alternating passes")
+    print("| threads | rows of x | para::linear GB/s (median / best) | torch GB/s | sum GB/s |")
+    print("| --- | --- | --- | --- | --- |")
     with torch.inference_mode():
-        for rows in args.rows:
+        for threads, rows in [(threads, rows) for threads in args.threads for rows in args.rows]:
+            torch.set_num_threads(threads)
             x = {k: torch.randn(rows, k, generator=generator).to(x_dtype) for k in (HIDDEN, FFN)}
             rates = {name: [] for name in (*products, "sum")}
             for _ in range(args.passes):
@@ -64,7 +67,7 @@ def main() -> None:
                 big.sum().item()
                 rates["sum"].append(big.nbytes / (time.perf_counter() - start) / 1e9)
             cells = [f"{statistics.median(r):.1f} / {max(r):.1f}" for r in rates.values()]
-            print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {threads} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
