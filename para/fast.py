@@ -119,6 +119,21 @@ class StepCall(NamedTuple):
         return self.compiled(*args)[self.output_index]
 
 
+def noting_calls(last_call: list) -> Callable:
+    """A torch.compile backend: inductor's compilation (what backend="inductor" makes), whose
+    compiled step notes each call dynamo makes of it in `last_call` (for StepCall). It holds no
+    decoder or model: torch.compile keeps it for the life of the process."""
+    def backend(graph: torch.fx.GraphModule, inputs: list, options: dict) -> Callable:
+        compiled = compile_fx(graph, inputs, config_patches=options)
+
+        def step(*args):
+            outputs = compiled(*args)
+            last_call[:] = [(compiled, args, outputs)]
+            return outputs
+        return step
+    return backend
+
+
 class BufferPool:
     """Buffers that a compiled model's caches reuse. A compiled step is specialised to its
     buffers' sizes (one compilation each) and a CUDA graph to their addresses (one recording
@@ -174,7 +189,7 @@ class FastDecoder:
         self.checked: weakref.WeakKeyDictionary[KVCache, tuple[int, int]] = weakref.WeakKeyDictionary()
         # on a CPU, each cache's StepCall (CUDA graphs, not tried with it, keep dynamo's calls)
         self.calls: weakref.WeakKeyDictionary[KVCache, StepCall] = weakref.WeakKeyDictionary()
-        self.last_call = None   # (compiled, args, outputs) of the compiled step dynamo called last
+        self.last_call: list[tuple] = []   # [(compiled, args, outputs)] of dynamo's call under way (noting_calls)
         self.compiled = None
         if compile:
             # (torch.compile takes a mode or options.) size_asserts: the compiled code would check
@@ -189,19 +204,8 @@ class FastDecoder:
                     options["post_grad_custom_post_pass"] = DecodingAttention()
             # isolate_recompiles: this decoder's compiled steps are its own, never another decoder's
             # (their guards are fewer: guards_worth_checking)
-            self.compiled = torch.compile(decode_hidden, fullgraph=True, dynamic=False, backend=self.compile_step,
+            self.compiled = torch.compile(decode_hidden, fullgraph=True, dynamic=False, backend=noting_calls(self.last_call),
                                           options=options, isolate_recompiles=True)
-
-    def compile_step(self, graph: torch.fx.GraphModule, inputs: list, options: dict) -> Callable:
-        """torch.compile's backend: inductor's compilation (what backend="inductor" makes), which
-        notes each call dynamo makes of it (for StepCall)."""
-        compiled = compile_fx(graph, inputs, config_patches=options)
-
-        def step(*args):
-            outputs = compiled(*args)
-            self.last_call = (compiled, args, outputs)
-            return outputs
-        return step
 
     def guards_worth_checking(self, guards: list) -> list[bool]:
         """torch.compile checks before every step that each tensor it read still has its dtype,
@@ -270,16 +274,16 @@ class FastDecoder:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 h = self.compiled(self.model, tokens, cache)
         else:
-            self.last_call, tensors = None, cache_tensors(cache)
+            tensors = cache_tensors(cache)
             with torch._dynamo.config.patch(cache_size_limit=max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)):
                 h = self.compiled(self.model, tokens, cache)
             self.checked[cache] = shape
             # (no StepCall where torch.compile ran the step eagerly, or dynamo gave the cache other tensors)
-            if cache.device.type == "cpu" and self.last_call is not None and cache_tensors(cache) == tensors:
-                call = StepCall.of(self.last_call, tokens, h, tensors)
+            if cache.device.type == "cpu" and self.last_call and cache_tensors(cache) == tensors:
+                call = StepCall.of(self.last_call[0], tokens, h, tensors)
                 if call is not None:
                     self.calls[cache] = call
-            self.last_call = None
+        self.last_call.clear()   # its tensors are the model's and the cache's: not kept past the step
         cache.pos = start + 1   # (set, not added: where torch.compile is disabled the step ran eagerly and set it)
         return h.clone()   # a CUDA graph's next replay overwrites its output
 

@@ -1,6 +1,8 @@
 """The compiled decoding step, and the CUDA paths (skipped where there is no GPU)."""
 
+import gc
 import time
+import weakref
 
 import pytest
 import torch
@@ -113,6 +115,23 @@ def test_a_caches_later_compiled_steps_call_the_compiled_code_directly(tmp_path)
         torch.testing.assert_close(compiled.step(logits.argmax(-1), cache), expected, atol=1e-5, rtol=1e-5)
         logits = expected
     assert len(through_dynamo) == 3   # the first step, and each after the reorder
+
+
+@pytest.mark.slow
+def test_a_compiled_decoder_and_its_model_are_freed(tmp_path):
+    """torch.compile keeps what it compiled (and its backend) for the life of the process: that
+    must hold neither the decoder nor the model, whose weights would stay in memory."""
+    write_checkpoint(tmp_path / "m", TINY_LLAMA)
+
+    def decode_once():
+        model = load_model(tmp_path / "m", "cpu", "float32")
+        decoder = FastDecoder(model, compile=True)
+        generate(model, PROMPTS, 4, eos_ids=[], decoder=decoder)
+        return weakref.ref(model), weakref.ref(decoder)
+
+    refs = decode_once()
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
 
 
 @pytest.mark.parametrize(("slots", "size"), [(1, 64), (64, 64), (65, 128), (306, 320), (513, 640), (1025, 1280)])
