@@ -204,8 +204,8 @@ class FastDecoder:
                     options["post_grad_custom_post_pass"] = DecodingAttention()
             # isolate_recompiles: this decoder's compiled steps are its own, never another decoder's
             # (their guards are fewer: guards_worth_checking)
-            self.compiled = torch.compile(decode_hidden, fullgraph=True, dynamic=False, backend=noting_calls(self.last_call),
-                                          options=options, isolate_recompiles=True)
+            self.compiled = torch.compile(decode_hidden, fullgraph=True, dynamic=False, options=options,
+                                          backend=noting_calls(self.last_call), isolate_recompiles=True)
 
     def guards_worth_checking(self, guards: list) -> list[bool]:
         """torch.compile checks before every step that each tensor it read still has its dtype,
