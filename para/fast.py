@@ -26,7 +26,6 @@ import weakref
 from typing import Callable, NamedTuple
 
 import torch
-from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from para import greedy_head, kernels
@@ -124,6 +123,7 @@ def noting_calls(last_call: list) -> Callable:
     compiled step notes each call dynamo makes of it in `last_call` (for StepCall). It holds no
     decoder or model: torch.compile keeps it for the life of the process."""
     def backend(graph: torch.fx.GraphModule, inputs: list, options: dict) -> Callable:
+        from torch._inductor.compile_fx import compile_fx   # here: importing it takes a second
         compiled = compile_fx(graph, inputs, config_patches=options)
 
         def step(*args):
