@@ -54,7 +54,8 @@ def main() -> None:
             prefill_rate = statistics.median(prefill_rates[1:])
             decode_rate = statistics.median(decode_rates[1:])
             # Each step reads every weight once and yields one token per prompt.
-            of_bound = statistics.median(rate * step_bytes(model, greedy=beams == 1) / (batch * bandwidth)
+            read_per_step = step_bytes(model, greedy=beams == 1)
+            of_bound = statistics.median(rate * read_per_step / (batch * bandwidth)
                                          for rate, bandwidth in zip(decode_rates[1:], bandwidths[1:]))
             read = f"{min(bandwidths[1:]) / 1e9:.1f}-{max(bandwidths[1:]) / 1e9:.1f}"
             print(f"{batch:>5} {beams:>5} {prefill_rate:>14.1f} {decode_rate:>13.1f} {of_bound:>8.0%} {read:>17}")

@@ -100,8 +100,8 @@ def test_a_caches_later_compiled_steps_call_the_compiled_code_directly(tmp_path)
     step), steps go through it again."""
     write_checkpoint(tmp_path / "m", TINY_LLAMA)
     model = load_model(tmp_path / "m", "cpu", "float32")
-    lora = [write_noisy_adapter(model, AdapterConfig("lora", 2), tmp_path / f"lora-{seed}.pt", seed, 0.1) for seed in (0, 1)]
-    install_bank(model, lora)
+    install_bank(model, [write_noisy_adapter(model, AdapterConfig("lora", 2), tmp_path / f"lora-{seed}.pt", seed, 0.1)
+                         for seed in (0, 1)])
     compiled, eager = FastDecoder(model, compile=True), FastDecoder(model)
     cache, logits = prefill(model, PROMPTS, 4, which=[1, 2], decoder=compiled)
     eager_cache, _ = prefill(model, PROMPTS, 4, which=[1, 2], decoder=eager)
