@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -131,6 +132,19 @@ def model_dir(path: Path | None) -> Path:
     return folder
 
 
+@contextmanager
+def random_init_skipped():
+    """nn.init.normal_ as a no-op (as Hugging Face's no_init_weights skips every init): the
+    checkpoint overwrites the weights, and on the meta device torch runs normal_ through
+    torch._refs, whose first call imports dynamo, 1.6 s of every command's start."""
+    normal = nn.init.normal_
+    nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        nn.init.normal_ = normal
+
+
 def load_model(path: str | Path, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None) -> Transformer:
     folder = Path(path)
@@ -139,7 +153,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     config = ModelConfig.from_file(folder / "config.json")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, config)
-    with torch.device("meta"):
+    with torch.device("meta"), random_init_skipped():
         model = Transformer(config)
     expected = dict(model.named_parameters())
     loaded: set[str] = set()

@@ -55,7 +55,8 @@ def rope_inverse_frequencies(config: ModelConfig, sliding: bool = False) -> torc
     sliding layers have a base of their own and no scaling."""
     dim = config.head_dim
     theta = config.rope_local_theta if sliding and config.rope_local_theta else config.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # on the CPU wherever the model is built, as Hugging Face computes it when loading
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     kind, scaling = rope_scaling_type(None if sliding else config.rope_scaling), config.rope_scaling
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -76,7 +77,8 @@ def rope_inverse_frequencies(config: ModelConfig, sliding: bool = False) -> torc
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig, device: torch.device | str | None = None, sliding: bool = False):
         super().__init__()
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config, sliding).to(device), persistent=False)
+        inv_freq = rope_inverse_frequencies(config, sliding).to(device or torch.get_default_device())
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for each position, shaped (B, 1, T, head_dim) to broadcast over heads."""

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run, user_error
+from conftest import ROOT, run, user_error
 
 pytestmark = pytest.mark.slow   # train.py and generate.py in subprocesses: not in `make test-fast`
 
@@ -35,6 +35,19 @@ def test_generate_json_and_streaming(tiny):
     assert all(r["new_tokens"] <= 5 and r["decode_tokens_per_s"] > 0 for r in rows)
     streamed = run("generate.py", "--model", tiny, "--prompt", "Is 12 even or odd?", "--max-new-tokens", "5").stdout
     assert streamed.strip() == rows[0]["text"].strip()
+
+
+def test_an_eager_command_imports_no_compiler(tiny):
+    """Importing torch's compiler (dynamo, inductor) costs a command a second or more at its
+    start: only a compiled run may import it."""
+    script = ("import runpy, sys\n"
+              "sys.argv = ['generate.py', '--model', sys.argv[1], '--prompt', 'hello', '--max-new-tokens', '2']\n"
+              "try:\n    runpy.run_path('generate.py', run_name='__main__')\n"
+              "finally:\n    print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny)], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"
 
 
 def test_generate_beams_chat_and_sampling(tiny):

@@ -54,7 +54,7 @@ def test_compiled_step_decodes_the_same_tokens_and_compiles_once_per_batch_size(
         generate(model, longer * 2, 10, eos_ids=[]).tokens
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert torch._dynamo.config.cache_size_limit == limit   # no global setting changed behind the caller's back
-    if kernels.built():   # attention in the compiled step is para's (fast.DecodingAttention)
+    if kernels.built():   # attention in the compiled step is para's (attention_pass.DecodingAttention)
         with torch.profiler.profile() as profile:
             generate(model, longer * 2, 2, eos_ids=[], decoder=compiled)   # a batch size compiled above
         assert any(event.name == "para::decode_attention" for event in profile.events())
