@@ -73,11 +73,20 @@ def make_ggufs(source: str, folder: str) -> dict[str, str]:
     return paths
 
 
-def llama_worker(path: str, threads: int) -> None:
+def llama_worker(path: str, threads: int, repack: bool = True) -> None:
     """Load a GGUF, then for each prompt (a JSON list of ids) read from stdin, answer one JSON
-    line: prefill and decode seconds and the greedy tokens (a warm-up run first)."""
+    line: prefill and decode seconds and the greedy tokens (a warm-up run first). repack=False is
+    llama.cpp's --no-repack (no "extra buffer types": weights not repacked, e.g. for AMX)."""
     import llama_cpp
     import numpy as np
+    if not repack:   # Llama() takes no such argument: its default model parameters, changed
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def without_repacking():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+        llama_cpp.llama_cpp.llama_model_default_params = without_repacking
     llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads,
                           verbose=False)
 
@@ -117,6 +126,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="compile para's decoding step")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--llama-no-repack", action="store_true",
+                        help="llama.cpp's --no-repack: its AMX kernels for Q8_0, which it uses where the CPU "
+                             "has AMX, crashed on an Intel Xeon VM (docs/usage.md)")
     parser.add_argument("--gguf-dir", type=Path, default=Path("runs/llamacpp"), help="where the GGUF files go (made once)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)   # JSON arguments of make_ggufs or llama_worker
     args = parser.parse_args()
@@ -159,14 +171,19 @@ def main() -> None:
         dtype = "bfloat16" if precision == "bfloat16" else "float32"
         decoder = FastDecoder(para.load_model(folder, "cpu", dtype), compile=args.compile,
                               quantize="int8" if precision == "int8" else None)
-        job = json.dumps({"path": str(args.gguf_dir / f"model-{PRECISIONS[precision][0]}.gguf"), "threads": threads})
+        gguf = args.gguf_dir / f"model-{PRECISIONS[precision][0]}.gguf"
+        job = json.dumps({"path": str(gguf), "threads": threads, "repack": not args.llama_no_repack})
         worker = subprocess.Popen([args.llama_python, __file__, "--worker", job], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
         for _ in range(args.runs):   # interleaved: one of ours, one of theirs
             mine = para_run(decoder, prompt)
             worker.stdin.write(json.dumps(prompt) + "\n")
             worker.stdin.flush()
-            theirs = json.loads(worker.stdout.readline())
+            line = worker.stdout.readline()
+            if not line:
+                sys.exit(f"llama.cpp stopped (exit code {worker.wait()}) on {gguf}; where it crashes on a CPU "
+                         "with AMX, run again with --llama-no-repack")
+            theirs = json.loads(line)
             times[precision]["para"].append(mine)
             times[precision]["llama.cpp"].append(theirs)
             same_tokens[precision] = mine["tokens"] == theirs["tokens"]
@@ -178,7 +195,7 @@ def main() -> None:
                              capture_output=True, text=True).stdout.strip()
     print(f"torch {torch.__version__}, llama-cpp-python {version}, CPU, {threads} threads, {folder.name}, "
           f"batch 1, prompt {len(prompt)} tokens, {NEW_TOKENS} greedy tokens, para {'compiled' if args.compile else 'eager'}, "
-          f"median of {args.runs} interleaved runs")
+          f"median of {args.runs} interleaved runs{', llama.cpp --no-repack' if args.llama_no_repack else ''}")
     print("| precision | prefill tok/s para / llama.cpp | decode tok/s para / llama.cpp | decode ratio | whole call ratio | same tokens |")
     print("| --- | --- | --- | --- | --- | --- |")
     for precision in args.precisions:

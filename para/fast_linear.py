@@ -1,6 +1,6 @@
 """Projections for decoding speed, swapped into a model from outside (para/model.py never knows):
-a FastLinear is an nn.Linear whose product is para::linear where that reads the weights faster
-on this machine, and oneDNN's for a prompt's many rows where that is faster (para/kernels), and
+a FastLinear is an nn.Linear whose product is para::linear where that reads the model's weights
+faster on this machine, and oneDNN's for a prompt's many rows where that is faster (para/kernels), and
 which can hold its weights in int8.
 
 Weight-only int8, as gpt-fast's: each output channel (row of W) keeps int8 values and one
@@ -42,9 +42,9 @@ class FastLinear(nn.Linear):
             self.register_buffer("scale", scale)
         else:   # the same Parameter: the model's weights are shared, not copied
             self.weight, self.scale = linear.weight, None
-        # looked up here, not in forward: a compiled step then reads constants
+        # set here and by use_fast_linears, not looked up in forward: a compiled step reads constants
+        self.fast_rows: frozenset[int] = frozenset()   # the rows of x for para::linear (para_rows)
         on_cpu = self.weight.device.type == "cpu"
-        self.fast_rows = kernels.para_rows(self.weight.dtype) if on_cpu else frozenset()
         self.onednn = on_cpu and self.weight.dtype in kernels.ONEDNN_WEIGHTS and kernels.onednn_prefill()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +83,10 @@ def use_fast_linears(model: Transformer, quantize: str | None = None) -> None:
     homes = kernels.homes_in_huge_pages([linear.weight for linear in linears]) if any(swapped) else None
     for linear, home in zip(linears, homes or ()):   # one at a time: memory holds one weight twice at most
         linear.weight.data = home.copy_(linear.weight.data)   # the same Parameter, shared with the model
+    if any(swapped) and model.device.type == "cpu":   # which product, measured on these weights where they live
+        fast_rows = kernels.para_rows([(linear.weight.detach(), linear.scale) for linear in linears])
+        for linear in linears:
+            linear.fast_rows = fast_rows
 
 
 def _swap(parent: nn.Module, name: str, quantize: str | None) -> bool:

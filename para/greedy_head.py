@@ -35,8 +35,7 @@ def worthwhile(weight: torch.Tensor) -> bool:
     """Only float32 weights on a CPU gain, where a bfloat16 product reads memory faster: with
     para::linear (para/kernels), or bfloat16 dot products (AVX512-BF16 or AMX)."""
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[0] > CANDIDATES \
-        and (bool(kernels.para_rows(torch.bfloat16))
-             or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        and (kernels.built() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 class GreedyHead:
@@ -47,6 +46,7 @@ class GreedyHead:
     def __init__(self, weight: torch.Tensor):
         with torch.no_grad():
             self.low = weight.to(torch.bfloat16)
+            self.fast_rows = kernels.para_rows([(self.low, None)])   # where para::linear reads it faster
             # max_j |W_j - W16_j| and max_j max(|W_j|, |W16_j|), a block of rows at a time
             # (no float32 copy of all of W)
             self.weight_error = self.row_norm = 0.0
@@ -57,8 +57,8 @@ class GreedyHead:
 
     def __call__(self, h: torch.Tensor, weight: torch.Tensor, cap: float | None = None) -> torch.Tensor:
         h_low = h.to(torch.bfloat16)
-        if len(h) in kernels.para_rows(self.low.dtype):   # a = W16 h, summed in float32 (within the same bound)
-            approx = kernels.linear(h, self.low)
+        if len(h) in self.fast_rows:   # a = W16 h, summed in float32 (within the same bound)
+            approx = kernels.linear(h, self.low, fast_rows=self.fast_rows)
         else:   # a = W16 h16 (B, V); for one row a matrix-vector product, which reads bfloat16 twice as fast
             approx = torch.mv(self.low, h_low[0])[None] if len(h) == 1 else F.linear(h_low, self.low)
         top, candidates = approx.topk(CANDIDATES + 1, dim=-1)

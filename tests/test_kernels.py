@@ -94,22 +94,31 @@ def test_para_linear_keeps_leading_dimensions():
     torch.testing.assert_close(torch.ops.para.linear(x, weight), F.linear(x, weight), atol=1e-5, rtol=1e-5)
 
 
-def test_choice_is_measured_once_and_kept(tmp_path, monkeypatch):
+def test_choice_is_measured_once_per_shape_and_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("PARA_KERNELS", "measure")
     monkeypatch.setattr(kernels, "built", lambda: True)
     measured = []
-    monkeypatch.setattr(kernels, "faster", lambda dtype, rows: measured.append(rows) or ("para" if rows == 1 else "torch"))
-    kernels.para_rows.cache_clear()
-    try:
-        assert kernels.para_rows(torch.float32) == {1}
-        assert measured == [1, kernels.MAX_ROWS]
-        kernels.para_rows.cache_clear()   # a new process: read from the file, not measured again
-        assert kernels.para_rows(torch.float32) == {1}
-        assert measured == [1, kernels.MAX_ROWS]
-        assert json.loads(kernels.choice_file().read_text()) == {"float32": {"1": "para", "8": "torch"}}
-    finally:
-        kernels.para_rows.cache_clear()
+    monkeypatch.setattr(kernels, "faster", lambda products, rows: measured.append((len(products), rows))
+                        or ("para" if rows == 1 else "torch"))
+    model = [(torch.randn(40, 64), None), (torch.randn(64, 40), None)]
+    assert kernels.para_rows(model) == {1}
+    assert measured == [(2, 1), (2, kernels.MAX_ROWS)]
+    assert kernels.para_rows([(torch.randn(40, 64), None), (torch.randn(64, 40), None)]) == {1}
+    assert len(measured) == 2   # the same shapes (another process, another model of them): read from the file
+    kernels.para_rows([(torch.randn(40, 64), None)])
+    assert len(measured) == 4   # other shapes: measured
+    choices = json.loads(kernels.choice_file().read_text())
+    assert len(choices) == 2 and all(key.startswith("float32, ") for key in choices)
+
+
+def test_the_choice_is_measured_on_the_weights_given():
+    if not kernels.built():
+        pytest.skip("para/kernels not built here")
+    weights = [(torch.randn(48, 32), None), (torch.randn(32, 48).to(torch.int8), torch.rand(32))]
+    assert kernels.faster(weights, 3) in ("para", "torch")
+    bfloat16 = [(torch.randn(48, 32).to(torch.bfloat16), None)]   # a bfloat16 model's rows are bfloat16
+    assert kernels.faster(bfloat16, 1) in ("para", "torch")
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
@@ -153,16 +162,14 @@ def test_the_prefill_choice_is_measured_once_and_kept(tmp_path, monkeypatch):
 def test_torch_products_only_when_asked(monkeypatch):
     monkeypatch.setenv("PARA_KERNELS", "torch")
     kernels.built.cache_clear()
-    kernels.para_rows.cache_clear()
     try:
-        assert not kernels.built() and kernels.para_rows(torch.float32) == frozenset()
+        assert not kernels.built() and kernels.para_rows([(torch.randn(8, 16), None)]) == frozenset()
         linear = FastLinear(torch.nn.Linear(16, 8), quantize="int8")
         assert linear.fast_rows == frozenset()
         x = torch.randn(1, 16)
         torch.testing.assert_close(linear(x), F.linear(x, linear.weight.float()) * linear.scale + linear.bias)
     finally:
         kernels.built.cache_clear()
-        kernels.para_rows.cache_clear()
 
 
 def test_int8_per_channel_rounds_each_row_to_its_scale():

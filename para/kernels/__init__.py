@@ -11,8 +11,8 @@ once for all the rows, converting bfloat16 or int8 weights to float32 in registe
 
 Both are compiled on first use with torch.utils.cpp_extension (about 30 s on 2 cores; torch keeps
 the build in ~/.cache/torch_extensions) for this CPU (-march=native). Which product is faster
-for 1 row and for 2-8 rows of each weight dtype is then measured once and kept in
-~/.cache/para/kernels-<machine>.json. Where the C++ cannot be built (no compiler), torch's
+for 1 row and for 2-8 rows is then measured on a model's own weights, once per machine and model
+shape, and kept in ~/.cache/para/kernels-<machine>.json. Where the C++ cannot be built (no compiler), torch's
 product is used, with a one-line warning.
 
 PARA_KERNELS=torch uses torch's products only; PARA_KERNELS=para uses linear.cpp wherever it
@@ -146,16 +146,21 @@ def kept_choice(key: str, measure) -> object:
     return choices[key]
 
 
-@functools.cache
-def para_rows(weight_dtype: torch.dtype) -> frozenset[int]:
-    """The row counts (of 1..MAX_ROWS) at which para::linear beats torch's product for weights
-    of this dtype on this machine: measured once, then read from choice_file()."""
-    if not built():
+def para_rows(products: list[tuple[torch.Tensor, torch.Tensor | None]]) -> frozenset[int]:
+    """The row counts (of 1..MAX_ROWS) at which para::linear multiplies by these weights (with
+    their int8 scales, or None) faster than torch's product on this machine. Measured on the
+    weights themselves (a model's projections in the order a step reads them), once per machine
+    and list of shapes, then read from choice_file(): the faster product depends on the shapes as
+    well as the CPU (on the Intel Xeon MKL reads 4096-wide rows faster, para::linear SmolLM2's
+    576-wide ones, docs/design.md)."""
+    if not built() or not products:
         return frozenset()
     if mode() == "para":
         return frozenset(range(1, MAX_ROWS + 1))
-    choice = kept_choice(str(weight_dtype).removeprefix("torch."),
-                         lambda: {str(rows): faster(weight_dtype, rows) for rows in (1, MAX_ROWS)})
+    shapes = [(tuple(weight.shape), weight.dtype) for weight, _ in products]
+    dtype = str(products[0][0].dtype).removeprefix("torch.")
+    key = f"{dtype}, {len(shapes)} weights {hashlib.sha256(repr(shapes).encode()).hexdigest()[:12]}"
+    choice = kept_choice(key, lambda: {str(rows): faster(products, rows) for rows in (1, MAX_ROWS)})
     one, several = choice["1"], choice[str(MAX_ROWS)]
     return frozenset(rows for rows in range(1, MAX_ROWS + 1) if (one if rows == 1 else several) == "para")
 
@@ -197,32 +202,34 @@ def faster_prefill() -> str:
     return quickest({"onednn": onednn_linear, "torch": F.linear}, calls)
 
 
-def faster(weight_dtype: torch.dtype, rows: int) -> str:
-    """'para' or 'torch': which reads a model-sized stack of weights faster, x having `rows` rows.
-    The stack (64M weights, 64 MB or more) is larger than a CPU's caches, as a model's are."""
+MEASURED_BYTES = 256 << 20   # of a model's weights: enough to stream from memory past a CPU's caches
+
+
+def faster(products: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int) -> str:
+    """'para' or 'torch': which multiplies `rows` rows of x by these weights (their first
+    MEASURED_BYTES) faster. x is float32 for int8 weights, else of the weights' dtype."""
     generator = torch.Generator().manual_seed(0)
-    weights = [torch.randn(2048, 2048, generator=generator) for _ in range(16)]
-    scales = [None] * len(weights)
-    if weight_dtype == torch.int8:
-        scales = [torch.rand(2048, generator=generator) for _ in weights]
-        weights = [w.clamp(-127, 127).to(torch.int8) for w in weights]
-    else:
-        weights = [w.to(weight_dtype) for w in weights]
-    x = torch.randn(rows, 2048, generator=generator).to(torch.float32 if weight_dtype == torch.int8 else weight_dtype)
-    calls = [(x, w, s) for _ in range(3) for w, s in zip(weights, scales)]
+    calls, measured, xs = [], 0, {}
+    for weight, scale in products:
+        if measured >= MEASURED_BYTES:
+            break
+        dtype = torch.float32 if weight.dtype == torch.int8 else weight.dtype
+        if (weight.shape[1], dtype) not in xs:
+            xs[weight.shape[1], dtype] = torch.randn(rows, weight.shape[1], generator=generator).to(dtype)
+        calls.append((xs[weight.shape[1], dtype], weight, scale))
+        measured += weight.nbytes
     return quickest({"para": torch.ops.para.linear, "torch": torch_linear}, calls)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-           bias: torch.Tensor | None = None, fast_rows: frozenset[int] | None = None,
+           bias: torch.Tensor | None = None, fast_rows: frozenset[int] = frozenset(),
            onednn: bool | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T, times scale (N,) for int8 weights, plus bias, with
-    para::linear where x has one of fast_rows rows (default: para_rows(weight.dtype)), and with
+    para::linear where x has one of fast_rows rows (para_rows chooses them), and with
     oneDNN for more than MAX_ROWS float32 rows (float32 or int8 weights) where `onednn`
     (default: onednn_prefill()) and not compiling (inductor failed to lower the call, 9 or more
     rows in a compiled step); a compiled caller passes both, looked up beforehand. Neither has a
     backward: where a gradient is needed, torch's product runs."""
-    fast_rows = para_rows(weight.dtype) if fast_rows is None else fast_rows
     rows, needs_grad = x.numel() // x.shape[-1], torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.device.type == "cpu" and rows in fast_rows and weight.is_contiguous() and not needs_grad:
         return torch.ops.para.linear(x, weight, scale, bias)
