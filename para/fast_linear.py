@@ -1,7 +1,7 @@
 """Projections for decoding speed, swapped into a model from outside (para/model.py never knows):
 a FastLinear is an nn.Linear whose product is para::linear where that reads the model's weights
-faster on this machine, and oneDNN's for a prompt's many rows where that is faster (para/kernels), and
-which can hold its weights in int8.
+faster on this machine, and oneDNN's for a prompt's many rows where that is faster
+(para/kernels), and which can hold its weights in int8.
 
 Weight-only int8, as gpt-fast's: each output channel (row of W) keeps int8 values and one
 float32 scale, q = round(w / s) with s = max|w| / 127, and y = (x q^T) * s. Activations, norms,

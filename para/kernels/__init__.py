@@ -12,8 +12,8 @@ once for all the rows, converting bfloat16 or int8 weights to float32 in registe
 Both are compiled on first use with torch.utils.cpp_extension (about 30 s on 2 cores; torch keeps
 the build in ~/.cache/torch_extensions) for this CPU (-march=native). Which product is faster
 for 1 row and for 2-8 rows is then measured on a model's own weights, once per machine and model
-shape, and kept in ~/.cache/para/kernels-<machine>.json. Where the C++ cannot be built (no compiler), torch's
-product is used, with a one-line warning.
+shape, and kept in ~/.cache/para/kernels-<machine>.json. Where the C++ cannot be built (no
+compiler), torch's product is used, with a one-line warning.
 
 PARA_KERNELS=torch uses torch's products only; PARA_KERNELS=para uses linear.cpp wherever it
 applies, without measuring.
