@@ -14,7 +14,7 @@ A FastDecoder is what generation calls to make caches and run decoding steps:
   batch size and cache size, never per position. Caches come in a few sizes from a BufferPool
   that hands a finished cache's buffers to the next one, and PARA's vectors are copied into
   pooled homes: a CUDA graph then finds every input at the address it recorded. On a CPU a graph
-  pass puts para::decode_attention in place of torch's attention (DecodingAttention);
+  pass puts para::decode_attention in place of torch's attention (para/attention_pass.py);
 - on a CPU a 16-bit model's keys and values are kept in float32, where attention is faster.
 Nothing here changes a global torch setting: the dynamo limit raised, and the stance that skips
 all but the tensors' guards after a cache's first step, hold around the compiled call only.
