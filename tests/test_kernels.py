@@ -65,7 +65,8 @@ def test_para_linear_matches_torch(dtype, rows):
 
 @needs_kernel
 @pytest.mark.parametrize(("rows", "heads", "kv_heads", "slots", "dim"),
-                         [(1, 9, 3, 320, 64), (3, 4, 2, 37, 24), (2, 2, 2, 5, 16), (2, 4, 1, 700, 32)])
+                         [(1, 9, 3, 320, 64), (3, 4, 2, 37, 24), (2, 2, 2, 5, 16), (2, 4, 1, 700, 32),
+                          (1, 4, 1, 320, 256), (2, 8, 2, 50, 128), (1, 5, 1, 33, 64)])
 def test_decode_attention_matches_torchs(rows, heads, kv_heads, slots, dim):
     generator = torch.Generator().manual_seed(slots)
     q = torch.randn(rows, heads, 1, dim, generator=generator)
@@ -73,18 +74,23 @@ def test_decode_attention_matches_torchs(rows, heads, kv_heads, slots, dim):
     valid = torch.rand(rows, 1, 1, slots, generator=generator) > 0.3
     valid[0, ..., slots // 3:] = False   # most slots masked (a cache not yet filled)
     valid[..., -1] = True   # a query sees at least itself
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=valid, scale=0.3, enable_gqa=True)
+
+    def torchs(q, mask):   # in float64: float32 sums in two orders differ by more than 1e-5 here
+        return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=0.3,
+                                              enable_gqa=True).float()
     additive = torch.where(valid, 0.0, float("-inf"))
     for mask in (valid, additive):
-        torch.testing.assert_close(torch.ops.para.decode_attention(q, k, v, mask, 0.3), expected, atol=1e-5, rtol=1e-5)
-    unmasked = F.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True)
-    torch.testing.assert_close(torch.ops.para.decode_attention(q, k, v, None, 0.3), unmasked, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.ops.para.decode_attention(q, k, v, mask, 0.3), torchs(q, valid), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.ops.para.decode_attention(q, k, v, None, 0.3), torchs(q, None), atol=1e-5, rtol=1e-5)
     shared = valid[:1]   # one mask for every row, broadcast
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=shared, scale=0.3, enable_gqa=True)
-    torch.testing.assert_close(torch.ops.para.decode_attention(q, k, v, shared, 0.3), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.ops.para.decode_attention(q, k, v, shared, 0.3), torchs(q, shared), atol=1e-5, rtol=1e-5)
     # scores far apart: e^x of large negative differences is 0, never NaN
     far = torch.ops.para.decode_attention(q * 1e3, k, v, additive, 1.0)
     assert torch.isfinite(far).all()
+    # what a masked slot holds is never read (a pooled cache's slots hold an earlier cache's values)
+    expected = torchs(q, valid)
+    v[~valid.expand(rows, kv_heads, 1, slots)[..., 0, :]] = float("nan")
+    torch.testing.assert_close(torch.ops.para.decode_attention(q, k, v, valid, 0.3), expected, atol=1e-5, rtol=1e-5)
 
 
 @needs_kernel
