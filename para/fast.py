@@ -15,7 +15,8 @@ A FastDecoder is what generation calls to make caches and run decoding steps:
   that hands a finished cache's buffers to the next one, and PARA's vectors are copied into
   pooled homes: a CUDA graph then finds every input at the address it recorded. On a CPU a graph
   pass puts para::decode_attention in place of torch's attention (para/attention_pass.py);
-- on a CPU a 16-bit model's keys and values are kept in float32, where attention is faster.
+- on a CPU a 16-bit model's keys and values are kept in float32, where attention is faster;
+- on a CPU glibc's malloc is asked to keep freed memory for the next tensors (kernels.keep_freed_memory).
 Nothing here changes a global torch setting: the dynamo limit raised, and the stance that skips
 all but the tensors' guards after a cache's first step, hold around the compiled call only.
 """
@@ -150,6 +151,8 @@ class FastDecoder:
         self.model = model
         if model.device.type == "cpu" or quantize:   # para::linear where faster, int8 weights where asked
             use_fast_linears(model, quantize)
+        if model.device.type == "cpu":   # a prefill's tensors in memory freed before, not in fresh pages
+            kernels.keep_freed_memory()
         # On a CPU a 16-bit model's keys and values are kept in float32 (exact copies), where attention
         # runs 7x faster: torch's bfloat16 attention took 214 against 31 us a layer (docs/design.md)
         self.cache_dtype = torch.float32 if model.device.type == "cpu" and model.dtype.itemsize == 2 else model.dtype

@@ -4,6 +4,8 @@ products, the per-machine choice, FastLinear in a model, and weight-only int8.""
 import json
 import mmap
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -312,3 +314,36 @@ def test_the_server_quantizes_its_model(tmp_path):
     model, tokenizer = para.load(write_model_with_tokenizer(tmp_path / "m"), "cpu", "float32")
     Scheduler(model, tokenizer, quantize="int8")
     assert model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+
+
+PREFILL_LIKE = """
+import resource, sys, torch
+from para import kernels
+if sys.argv[1] == "keep":
+    assert kernels.keep_freed_memory()
+
+def page_faults():   # the tensors of a prefill's layers (8 x 274 tokens of SmolLM2): made, used, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(2192, 576)
+    for _ in range(10):
+        g, u = torch.ones(2192, 1536), torch.ones(2192, 1536)
+        h = torch.nn.functional.silu(g) * u
+        del g, u
+        x = x + h[:, :576]
+        del h
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+page_faults()
+print(sum(page_faults() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not kernels.keep_freed_memory(), reason="the C library is not glibc")
+def test_freed_memory_is_kept_for_the_next_tensors():
+    """A process whose malloc keeps freed memory makes a prefill's tensors without new pages;
+    glibc's own settings return some of it to Linux and take it back (page faults)."""
+    def faults(setting: str) -> int:
+        out = subprocess.run([sys.executable, "-c", PREFILL_LIKE, setting], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+    assert faults("keep") < 100
+    assert faults("glibc's own") > 1000

@@ -115,6 +115,29 @@ def homes_in_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor] | Non
     return homes
 
 
+# glibc's malloc settings (mallopt): the largest block it may take from its heap (the most it
+# allows on 64-bit Linux), and how much freed memory its heap may keep (int-sized)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_BLOCKS_BELOW, KEEP_FREED = 32 << 20, 2 ** 31 - 1
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory torch frees for its next tensors, instead of returning
+    each large block to Linux and taking it back page by page: a prefill of 8 x 274 tokens made
+    its intermediate tensors from 100,000-300,000 fresh pages (page faults, each page zeroed by
+    Linux), and took 1.76-1.90 against 2.02-2.38 s (SmolLM2, float32, Intel Xeon). The process
+    then keeps its largest heap (up to 2 GB of freed memory) for its life; blocks over 32 MB are
+    still mapped and returned. Process-wide, once; False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version   # glibc's; another C library's malloc has its own settings
+    except (OSError, AttributeError):
+        return False
+    # both: setting either ends glibc's own adjustment of the other (the heap then returned memory at once)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BLOCKS_BELOW)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED))
+
+
 def torch_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, product=F.linear) -> torch.Tensor:
     """The same product with torch's own kernels (`product`): int8 weights are converted to x's
