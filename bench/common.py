@@ -104,11 +104,13 @@ def read_bandwidth(device: torch.device, gigabytes: float = 1.0) -> float:
 
 def step_bytes(model: Transformer, greedy: bool) -> int:
     """Weight bytes a decoding step reads: every block's weights (int8 ones with their scales)
-    and the output projection, or for a greedy step its bfloat16 copy where the model makes one
-    (para/greedy_head.py). The embedding table is read one row per token: not counted."""
+    and the output projection, or for a greedy step its int8 or bfloat16 copy where the model
+    makes one (para/greedy_head.py). The embedding table is read one row per token: not counted."""
     blocks = [*model.layers.parameters(), *model.layers.buffers(), *model.norm.parameters()]
     weight = model.output_weight
-    head = weight.numel() * (2 if greedy and greedy_head.worthwhile(weight) else weight.element_size())
+    low = greedy_head.head_for(weight) if greedy else None
+    head = weight.numel() * weight.element_size() if low is None else \
+        low.low.numel() * low.low.element_size() + (0 if low.scale is None else low.scale.numel() * 4)
     scale = getattr(model.lm_head, "scale", None)
     return sum(t.numel() * t.element_size() for t in blocks) + head + (0 if scale is None else scale.numel() * 4)
 

@@ -3,14 +3,29 @@
 import pytest
 import torch
 
+from para import greedy_head
+from para.fast_linear import int8_per_channel
 from para.greedy_head import CANDIDATES, GreedyHead, head_for, worthwhile
 
 
-def test_it_picks_the_float32_argmax_for_many_states():
+@pytest.mark.parametrize("copy", ["int8", "bfloat16"])
+def test_it_picks_the_float32_argmax_for_many_states(copy, monkeypatch):
+    if copy == "int8" and not greedy_head.int8_copy():
+        pytest.skip("the int8 copy is multiplied by para::linear with AVX-512, which this machine lacks")
+    if copy == "bfloat16":   # the copy made where para/kernels cannot be built
+        monkeypatch.setattr(greedy_head, "int8_copy", lambda: False)
     torch.manual_seed(0)
     weight = torch.randn(3000, 64) / 8
     h = torch.randn(400, 64) * 6
-    assert torch.equal(GreedyHead(weight)(h, weight), (h @ weight.T).argmax(-1))
+    head = GreedyHead(weight)
+    assert head.low.dtype == getattr(torch, copy)
+    assert torch.equal(head(h, weight), (h @ weight.T).argmax(-1))
+    # rows so alike that their logits lie closer together than the copy's bound: the full projection decides
+    alike = torch.randn(1, 64) / 8 + torch.randn(3000, 64) * 1e-4
+    projections = []
+    monkeypatch.setattr(greedy_head.F, "linear", lambda x, w: projections.append((len(x), w.dtype)) or x @ w.T)
+    assert torch.equal(GreedyHead(alike)(h, alike), (h @ alike.T).argmax(-1))
+    assert [rows for rows, dtype in projections if dtype == torch.float32] == [400]
 
 
 def test_ties_go_to_the_lowest_id_even_when_the_bound_cannot_decide():
@@ -18,13 +33,20 @@ def test_ties_go_to_the_lowest_id_even_when_the_bound_cannot_decide():
     weight = torch.randn(500, 32) / 6
     h = torch.randn(8, 32)
     best = (h @ weight.T).argmax(-1)
-    for copies in (3, CANDIDATES + 8):   # more copies than candidates: the full projection decides
+    for copies in (3, CANDIDATES + 8):   # more copies than the first candidates: more candidates decide
         tied = weight.clone()
         rows = torch.arange(100, 100 + copies)
         tied[rows] = weight[best[0]]
         expected = (h @ tied.T).argmax(-1)
         assert expected[0] == min(100, int(best[0]))
         assert torch.equal(GreedyHead(tied)(h, tied), expected)
+
+
+def test_many_rows_take_the_float32_argmax():
+    torch.manual_seed(3)
+    weight = torch.randn(300, 16)
+    h = torch.randn(40, 16)
+    assert torch.equal(GreedyHead(weight)(h, weight), (h @ weight.T).argmax(-1))
 
 
 def test_a_softcap_is_applied_before_the_argmax():
@@ -47,7 +69,8 @@ def test_a_head_is_made_once_per_weight_and_again_after_an_in_place_change():
     assert head_for(weight.clone()) is not first
     weight.mul_(2)
     second = head_for(weight)
-    assert second is not first and torch.equal(second.low, weight.to(torch.bfloat16))
+    copy = int8_per_channel(weight)[0] if second.scale is not None else weight.to(torch.bfloat16)
+    assert second is not first and torch.equal(second.low, copy)
 
 
 @needs_bf16

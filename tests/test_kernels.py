@@ -3,6 +3,7 @@ products, the per-machine choice, FastLinear in a model, and weight-only int8.""
 
 import json
 import mmap
+import os
 import shutil
 import subprocess
 import sys
@@ -316,21 +317,16 @@ def test_the_server_quantizes_its_model(tmp_path):
     assert model.layers[0].mlp.down_proj.weight.dtype == torch.int8
 
 
-PREFILL_LIKE = """
+MANY_FREED = """
 import resource, sys, torch
 from para import kernels
 if sys.argv[1] == "keep":
     assert kernels.keep_freed_memory()
 
-def page_faults():   # the tensors of a prefill's layers (8 x 274 tokens of SmolLM2): made, used, freed
+def page_faults():   # tensors alive together, then freed (as a prefill's intermediate ones)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.ones(2192, 576)
-    for _ in range(10):
-        g, u = torch.ones(2192, 1536), torch.ones(2192, 1536)
-        h = torch.nn.functional.silu(g) * u
-        del g, u
-        x = x + h[:, :576]
-        del h
+    live = [torch.ones(3 << 18) for _ in range(100)]
+    del live
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 page_faults()
@@ -340,10 +336,13 @@ print(sum(page_faults() for _ in range(3)))
 
 @pytest.mark.skipif(not kernels.keep_freed_memory(), reason="the C library is not glibc")
 def test_freed_memory_is_kept_for_the_next_tensors():
-    """A process whose malloc keeps freed memory makes a prefill's tensors without new pages;
+    """A process whose malloc keeps freed memory makes its next tensors in it, without new pages;
     glibc's own settings return some of it to Linux and take it back (page faults)."""
-    def faults(setting: str) -> int:
-        out = subprocess.run([sys.executable, "-c", PREFILL_LIKE, setting], capture_output=True, text=True, check=True)
+    def faults(setting: str) -> int:   # (glibc adapts its thresholds differently by the process's threads: 1 here)
+        out = subprocess.run([sys.executable, "-c", MANY_FREED, setting], capture_output=True, text=True, check=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
         return int(out.stdout.split()[-1])
-    assert faults("keep") < 100
-    assert faults("glibc's own") > 1000
+    returned = faults("glibc's own")
+    if returned < 1000:
+        pytest.skip("glibc's own settings kept this memory too: nothing to tell apart")
+    assert faults("keep") < returned / 20
