@@ -1,7 +1,7 @@
 """Prefill and decode speed of a checkpoint, in the paper's setting (274-token prompt, 32 new
 tokens), at batch 1 and 8, greedy and 3 beams, with decode speed as a fraction of the
 memory-read bound (every weight byte is read once per decoding step, at the rate a sum over
-1 GiB reads memory; a greedy step reads the output projection's bfloat16 copy on a CPU). The sum
+1 GiB reads memory; a greedy step reads the output projection's int8 or bfloat16 copy on a CPU). The sum
 is measured again right before each run and each run is set against its own: a shared machine's
 memory rate drifts (26-50 GB/s within one session on the AMD EPYC VM).
 

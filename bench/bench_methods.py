@@ -11,7 +11,7 @@ allocated GPU memory on CUDA) is its own. Adapters have random weights: speed do
 on what they learned. Ratios are against the base model measured by the same invocation.
 "of bound" is decode speed at beam 1 over the memory-read bound: every weight byte read once
 per token at the rate a sum over 1 GiB reads memory (the KV cache, about 1% here, not counted;
-a greedy step reads the output projection's bfloat16 copy on a CPU).
+a greedy step reads the output projection's int8 or bfloat16 copy on a CPU).
 With --compile the decoding step is compiled (CUDA graphs on a GPU); the multi-tenant part,
 whose batch sizes vary, is then left out.
 """

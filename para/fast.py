@@ -4,8 +4,8 @@ generate.py): para/model.py knows nothing of it, and a FastDecoder takes a model
 A FastDecoder is what generation calls to make caches and run decoding steps:
 - on a CPU, the model's projections multiply with para::linear where it reads the weights faster
   than torch's product (para/kernels, para/fast_linear.py), in int8 with quantize="int8";
-- greedy steps take the argmax from a bfloat16 copy of the output projection where that reads
-  fewer bytes for the same token (para/greedy_head.py);
+- greedy steps take the argmax from an int8 (or bfloat16) copy of the output projection, which
+  reads fewer bytes for the same token (para/greedy_head.py);
 - with compile=True, the decoding step is compiled (torch.compile; on a GPU replayed as a CUDA
   graph, which removes the launch overhead of a few hundred small kernels per token; on a CPU
   called directly after a cache's first step, without dynamo's per-step work: StepCall). A step's

@@ -6,10 +6,11 @@
 // mask, a softmax over the slots, and the weighted sum of the values. Its cost is reading the
 // keys and values (from L2 or memory), so the query heads that share a KV head (grouped-query
 // attention) go together, each key and value read once for all of them, with the queries and
-// the sums in registers: 8 rows of SmolLM2 took 65 against 114 us a layer read once per query
-// head with the sums in memory, with the cache in L2; compiled steps 32.7 against 34.2 ms, the
-// cache coming from memory (Intel Xeon, 2 threads, alternating in one process). para/kernels/__init__.py builds it with
-// linear.cpp; para/fast.py puts it in place of torch's attention in a compiled CPU decoding step.
+// the sums in registers. 8 rows of SmolLM2, against reading them once per query head with the
+// sums in memory: 65 against 114 us a layer with the cache in L2; compiled steps, the cache
+// coming from memory, 32.7 against 34.2 ms (Intel Xeon, 2 threads, alternating in one process).
+// para/kernels/__init__.py builds it with linear.cpp; para/fast.py puts it in place of torch's
+// attention in a compiled CPU decoding step.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -192,8 +193,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float s = float(scale);
   // Work a thread takes: the query heads of one KV head in one row, each key and value read once for
   // them; where there are few such groups for the threads, parts of a group, so that the threads
-  // finish together (one row of SmolLM2 has 3 groups of 3 heads: a group a thread's turn made
-  // 2 threads' steps 0.7 ms slower; one row of Gemma 3 270M has a single group of 4).
+  // finish together (one row of SmolLM2 has 3 groups of 3 heads: whole groups on 2 threads made
+  // steps 0.7 ms slower; one row of Gemma 3 270M has a single group of 4).
   const int64_t G = H / H_kv, groups = B * H_kv;
   const int64_t parts = std::min<int64_t>(G, (4 * at::get_num_threads() + groups - 1) / groups), part = (G + parts - 1) / parts;
   at::parallel_for(0, groups * parts, 1, [&](int64_t begin, int64_t end) {
