@@ -1,6 +1,7 @@
 """The fast path's products (para/kernels, para/fast_linear.py): para::linear against torch's
 products, the per-machine choice, FastLinear in a model, and weight-only int8."""
 
+import ctypes
 import json
 import mmap
 import os
@@ -66,11 +67,27 @@ def test_para_linear_matches_torch(dtype, rows):
     torch.testing.assert_close(low.float(), expected.float(), atol=0.1, rtol=2 ** -7)
 
 
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    yield
+    torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_decode_attention_of_no_rows_is_empty():
+    q, k = torch.zeros(0, 9, 1, 64), torch.zeros(0, 3, 16, 64)
+    assert torch.ops.para.decode_attention(q, k, k, None, 0.3).shape == (0, 9, 1, 64)
+
+
 @needs_kernel
 @pytest.mark.parametrize(("rows", "heads", "kv_heads", "slots", "dim"),
                          [(1, 9, 3, 320, 64), (3, 4, 2, 37, 24), (2, 2, 2, 5, 16), (2, 4, 1, 700, 32),
-                          (1, 4, 1, 320, 256), (2, 8, 2, 50, 128), (1, 5, 1, 33, 64)])
-def test_decode_attention_matches_torchs(rows, heads, kv_heads, slots, dim):
+                          (1, 4, 1, 320, 256), (2, 8, 2, 50, 128), (1, 5, 1, 33, 64),
+                          (8, 9, 3, 37, 64), (3, 20, 4, 40, 64)])
+def test_decode_attention_matches_torchs(rows, heads, kv_heads, slots, dim, two_threads):
+    """(Groups of 3, and of 5 taken as 4 + 1, are kept whole with 4 groups a thread: 2 threads here.)"""
     generator = torch.Generator().manual_seed(slots)
     q = torch.randn(rows, heads, 1, dim, generator=generator)
     k, v = (torch.randn(rows, kv_heads, slots, dim, generator=generator) * 3 for _ in range(2))
@@ -334,7 +351,14 @@ print(sum(page_faults() for _ in range(3)))
 """
 
 
-@pytest.mark.skipif(not kernels.keep_freed_memory(), reason="the C library is not glibc")
+def glibc() -> bool:   # (without calling keep_freed_memory, which would set this process's malloc)
+    try:
+        return bool(ctypes.CDLL(None).gnu_get_libc_version)
+    except (OSError, AttributeError):
+        return False
+
+
+@pytest.mark.skipif(not glibc(), reason="the C library is not glibc")
 def test_freed_memory_is_kept_for_the_next_tensors():
     """A process whose malloc keeps freed memory makes its next tensors in it, without new pages;
     glibc's own settings return some of it to Linux and take it back (page faults)."""
