@@ -14,15 +14,16 @@ computed once):
 with h' the h that L multiplies (h itself in float32, or rounded to bfloat16) and N the largest
 norm of a row of W or L (rounding the inputs; float32 accumulation over d terms, ours and the
 reference's, with room to spare; for the bfloat16 copy, rounding a_j to bfloat16; the bound
-itself is computed in float32, whose rounding is far inside that room). The CANDIDATES tokens with the highest a_j are
-scored exactly in float32. Every other token has a_j at most the next highest a, so its logit is
-at most that a plus its error; when that lies below the best score, no other token can win and
-the best candidate is the token. The rows it leaves have MORE_CANDIDATES scored, and where that
-does not settle a row either, the full float32 projection decides it. With the int8 copy of SmolLM2's
-(a bound about 10 times the bfloat16 copy's) 64 candidates settled 148 of the 190 positions of
-data/austen_opening.txt and 1024 the rest; 64 settled all of 217 greedy steps of the
-benchmarks' prompts. Ties go to the lowest id, as torch.argmax's do, so the token is argmax(W h), up to the order of float32 additions. Compiled
-greedy steps with the int8 copy against the bfloat16 one: SmolLM2 19.6-20.0 against 20.2-20.7 ms
+itself is computed in float32, whose rounding is far inside that room). The CANDIDATES tokens
+with the highest a_j are scored exactly in float32. Every other token has a_j at most the next
+highest a, so its logit is at most that a plus its error; when that lies below the best score,
+no other token can win and the best candidate is the token. The rows it leaves have
+MORE_CANDIDATES scored, and where that does not settle a row either, the full float32
+projection decides it. With the int8 copy of SmolLM2's (a bound about 10 times the bfloat16
+copy's) 64 candidates settled 148 of the 190 positions of data/austen_opening.txt and 1024 the
+rest; 64 settled all of 217 greedy steps of the benchmarks' prompts. Ties go to the lowest id,
+as torch.argmax's do, so the token is argmax(W h), up to the order of float32 additions.
+Compiled greedy steps with the int8 copy against the bfloat16 one: SmolLM2 19.6-20.0 against 20.2-20.7 ms
 at batch 1, 31.1-31.6 against 33.3-33.8 at batch 8; Gemma 3 270M 26.9 against 32.7 and 39.8
 against 50.3 (Intel Xeon, alternating in one process: bench/bench_greedy_head.py).
 """
@@ -62,7 +63,8 @@ class GreedyHead:
         with torch.no_grad():
             if int8_copy():
                 self.low, self.scale = int8_per_channel(weight)
-                home = kernels.homes_in_huge_pages([self.low])   # in huge pages, as the model's weights (para/fast_linear.py)
+                # in huge pages, as the model's weights are (para/fast_linear.py)
+                home = kernels.homes_in_huge_pages([self.low])
                 self.low = self.low if home is None else home[0].copy_(self.low)
             else:
                 self.low, self.scale = weight.to(torch.bfloat16), None
@@ -95,16 +97,17 @@ class GreedyHead:
 
     def approximate(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """a = L h (B, V) and the bound e (B,) of its error."""
+        norm = lambda x: x.float().norm(dim=-1)                                       # noqa: E731
+        # (float32 accumulation, ours and the reference's, counted twice over for safety)
+        length, accumulation = norm(h), h.shape[-1] * 2.0 ** -22
         if self.scale is not None:   # h in float32, summed in float32, a pass over L for each 8 rows
-            h_low = h
             approx = torch.ops.para.linear(h, self.low, self.scale, None)
+            rounding = accumulation * length
         else:   # h' = h in bfloat16; for one row a matrix-vector product, which reads bfloat16 twice as fast
             h_low = h.to(torch.bfloat16)
             approx = torch.mv(self.low, h_low[0])[None] if len(h) == 1 else F.linear(h_low, self.low)
-        norm = lambda x: x.float().norm(dim=-1)                                       # noqa: E731
-        # (float32 accumulation, ours and the reference's, counted twice over for safety)
-        rounding = norm(h - h_low) + h.shape[-1] * 2.0 ** -22 * torch.maximum(norm(h), norm(h_low))
-        return approx, self.weight_error * norm(h) + self.row_norm * rounding
+            rounding = norm(h - h_low) + accumulation * torch.maximum(length, norm(h_low))
+        return approx, self.weight_error * length + self.row_norm * rounding
 
 
 def best_candidates(approx: torch.Tensor, error: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,

@@ -6,9 +6,10 @@
 // mask, a softmax over the slots, and the weighted sum of the values. Its cost is reading the
 // keys and values (from L2 or memory), so the query heads that share a KV head (grouped-query
 // attention) go together, each key and value read once for up to 4, 2 or 1 of them (64, 128 or
-// 256 features: as many queries as 16 registers hold), with the sums in registers. 8 rows of SmolLM2, against reading them once per query head with the
-// sums in memory: 65 against 114 us a layer with the cache in L2; compiled steps, the cache
-// coming from memory, 32.7 against 34.2 ms (Intel Xeon, 2 threads, alternating in one process).
+// 256 features: as many queries as 16 registers hold), with the sums in registers. 8 rows of
+// SmolLM2, against reading them once per query head with the sums in memory: 65 against 114 us
+// a layer with the cache in L2; compiled steps, the cache coming from memory, 32.7 against 34.2
+// ms (Intel Xeon, 2 threads, alternating in one process).
 // para/kernels/__init__.py builds it with linear.cpp; para/fast.py puts it in place of torch's
 // attention in a compiled CPU decoding step.
 
