@@ -1,7 +1,8 @@
 """A decoding step's products alone: the 210 block projections of a SmolLM2-135M step (30 layers of
 Q, K, V, O, up, gate, down; random weights laid out as para lays out a model's), multiplied by
-1 to 8 rows of x with para::linear and with torch's product, alternating, and a plain sum over
-1 GiB as the machine's memory rate in the same run (bench/RESULTS.md, docs/design.md).
+1 to 8 rows of x with para::linear (for one row, with each tile: the weight rows it reads
+together) and with torch's product, alternating, and a plain sum over 1 GiB as the machine's
+memory rate in the same run (bench/RESULTS.md, docs/design.md).
 
     python bench/bench_products.py --dtype float32 --rows 1 2 4 8 [--passes 15] [--threads 1 2]
 
@@ -12,6 +13,7 @@ of threads (default: torch's).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -47,15 +49,18 @@ def main() -> None:
     x_dtype = torch.float32 if dtype == torch.int8 else dtype   # a bfloat16 model's rows are bfloat16
     nbytes = sum(w.nbytes for w in weights)
     big = torch.ones(2 ** 28)
-    products = {"para::linear": torch.ops.para.linear, "torch": kernels.torch_linear}
     print(f"torch {torch.__version__}, {args.dtype} weights, {nbytes / 1e6:.0f} MB a step, "
-          f"{args.passes} alternating passes")
-    print("| threads | rows of x | para::linear GB/s (median / best) | torch GB/s | sum GB/s |")
+          f"{args.passes} alternating passes; GB/s, median / best")
+    print("| threads | rows of x | product | GB/s | sum GB/s |")
     print("| --- | --- | --- | --- | --- |")
     with torch.inference_mode():
         for threads, rows in [(threads, rows) for threads in args.threads for rows in args.rows]:
             torch.set_num_threads(threads)
             x = {k: torch.randn(rows, k, generator=generator).to(x_dtype) for k in (HIDDEN, FFN)}
+            tiles = kernels.TILES if rows == 1 else (1,)   # (the tile is for one row of x)
+            products = {f"para::linear, tile {tile}" if rows == 1 else "para::linear":
+                        functools.partial(torch.ops.para.linear, tile=tile) for tile in tiles}
+            products["torch"] = kernels.torch_linear
             rates = {name: [] for name in (*products, "sum")}
             for _ in range(args.passes):
                 for name, product in products.items():
@@ -66,8 +71,10 @@ def main() -> None:
                 start = time.perf_counter()
                 big.sum().item()
                 rates["sum"].append(big.nbytes / (time.perf_counter() - start) / 1e9)
-            cells = [f"{statistics.median(r):.1f} / {max(r):.1f}" for r in rates.values()]
-            print(f"| {threads} | {rows} | " + " | ".join(cells) + " |", flush=True)
+            memory = f"{statistics.median(rates['sum']):.1f}"
+            for name in products:
+                print(f"| {threads} | {rows} | {name} | {statistics.median(rates[name]):.1f} / {max(rates[name]):.1f} | "
+                      f"{memory} |", flush=True)
 
 
 if __name__ == "__main__":

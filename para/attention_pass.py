@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from para import kernels
+
 
 class DecodingAttention(CustomGraphPass):
     """A graph pass for a compiled CPU decoding step (inductor's post_grad_custom_post_pass):
@@ -33,5 +35,8 @@ class DecodingAttention(CustomGraphPass):
                 graph.erase_node(user)
             graph.erase_node(node)
 
-    def uuid(self) -> bytes:   # inductor caches compiled graphs under it
-        return get_hash_for_files((__file__,))
+    def uuid(self) -> bytes:
+        """Inductor keeps compiled graphs on disk under it. The kernels' sources are in it too: a
+        graph compiled against an older para::linear would call it with the older arguments
+        (inductor's own key does not see an operator's schema)."""
+        return get_hash_for_files((__file__, *kernels.SOURCES))

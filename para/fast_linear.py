@@ -44,11 +44,12 @@ class FastLinear(nn.Linear):
             self.weight, self.scale = linear.weight, None
         # set here and by use_fast_linears, not looked up in forward: a compiled step reads constants
         self.fast_rows: frozenset[int] = frozenset()   # the rows of x for para::linear (para_rows)
+        self.tile = 1   # the weight rows para::linear reads together for one row of x (single_row_tile)
         on_cpu = self.weight.device.type == "cpu"
         self.onednn = on_cpu and self.weight.dtype in kernels.ONEDNN_WEIGHTS and kernels.onednn_prefill()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.scale, self.bias, self.fast_rows, self.onednn)
+        return kernels.linear(x, self.weight, self.scale, self.bias, self.fast_rows, self.onednn, self.tile)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", int8" if self.scale is not None else "")
@@ -84,9 +85,11 @@ def use_fast_linears(model: Transformer, quantize: str | None = None) -> None:
     for linear, home in zip(linears, homes or ()):   # one at a time: memory holds one weight twice at most
         linear.weight.data = home.copy_(linear.weight.data)   # the same Parameter, shared with the model
     if any(swapped) and model.device.type == "cpu":   # which product, measured on these weights where they live
-        fast_rows = kernels.para_rows([(linear.weight.detach(), linear.scale) for linear in linears])
+        products = [(linear.weight.detach(), linear.scale) for linear in linears]
+        tile = kernels.single_row_tile(products)
+        fast_rows = kernels.para_rows(products, tile)
         for linear in linears:
-            linear.fast_rows = fast_rows
+            linear.fast_rows, linear.tile = fast_rows, tile
 
 
 def _swap(parent: nn.Module, name: str, quantize: str | None) -> bool:

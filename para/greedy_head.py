@@ -66,6 +66,7 @@ class GreedyHead:
                 # in huge pages, as the model's weights are (para/fast_linear.py)
                 home = kernels.homes_in_huge_pages([self.low])
                 self.low = self.low if home is None else home[0].copy_(self.low)
+                self.tile = kernels.single_row_tile([(self.low, self.scale)])   # for one row of h
             else:
                 self.low, self.scale = weight.to(torch.bfloat16), None
             # max_j |W_j - L_j| and max_j max(|W_j|, |L_j|), a block of rows at a time (no float32
@@ -101,7 +102,7 @@ class GreedyHead:
         # (float32 accumulation, ours and the reference's, counted twice over for safety)
         length, accumulation = norm(h), h.shape[-1] * 2.0 ** -22
         if self.scale is not None:   # h in float32, summed in float32, a pass over L for each 8 rows
-            approx = torch.ops.para.linear(h, self.low, self.scale, None)
+            approx = torch.ops.para.linear(h, self.low, self.scale, None, self.tile)
             rounding = accumulation * length
         else:   # h' = h in bfloat16; for one row a matrix-vector product, which reads bfloat16 twice as fast
             h_low = h.to(torch.bfloat16)

@@ -45,8 +45,9 @@ def test_the_kernel_builds_where_a_compiler_is():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 8, 11])
-def test_para_linear_matches_torch(dtype, rows):
+@pytest.mark.parametrize(("rows", "tile"), [(1, 1), (1, 2), (1, 4), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1),
+                                            (8, 1), (11, 1), (11, 4)])
+def test_para_linear_matches_torch(dtype, rows, tile):
     # odd sizes: a row's tail shorter than 16 and a last tile of W shorter than the others (3 or 4 rows)
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(203, 147, generator=generator)
@@ -58,11 +59,11 @@ def test_para_linear_matches_torch(dtype, rows):
     else:
         weight = weight.to(dtype)
     expected = F.linear(x.double(), weight.double()) * (1 if scale is None else scale.double()) + bias.double()
-    got = torch.ops.para.linear(x, weight, scale, bias)
+    got = torch.ops.para.linear(x, weight, scale, bias, tile)
     assert got.dtype == torch.float32 and got.shape == (rows, 203)
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
     # bfloat16 rows in, bfloat16 out, summed in float32
-    low = torch.ops.para.linear(x.bfloat16(), weight, scale, bias)
+    low = torch.ops.para.linear(x.bfloat16(), weight, scale, bias, tile)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), expected.float(), atol=0.1, rtol=2 ** -7)
 
@@ -113,6 +114,20 @@ def test_decode_attention_matches_torchs(rows, heads, kv_heads, slots, dim, two_
     torch.testing.assert_close(torch.ops.para.decode_attention(q, k, v, valid, 0.3), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_steps_are_kept_under_the_kernels_sources(tmp_path, monkeypatch):
+    """Inductor keeps compiled steps on disk under the graph pass's uuid: a step compiled against an
+    older para::linear (fewer arguments) must not be found after the kernels' sources change."""
+    from para.attention_pass import DecodingAttention
+    uuids = set()
+    for version in ("one", "another"):   # (in two files: within a process torch hashes a file once)
+        source = tmp_path / version / "linear.cpp"
+        source.parent.mkdir()
+        source.write_text(f"// {version} version")
+        monkeypatch.setattr(kernels, "SOURCES", [source])
+        uuids.add(DecodingAttention().uuid())
+    assert len(uuids) == 2
+
+
 @needs_kernel
 def test_para_linear_keeps_leading_dimensions():
     x, weight = torch.randn(2, 1, 64), torch.randn(40, 64)
@@ -125,7 +140,7 @@ def test_choice_is_measured_once_per_shape_and_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("PARA_KERNELS", "measure")
     monkeypatch.setattr(kernels, "built", lambda: True)
     measured = []
-    monkeypatch.setattr(kernels, "faster", lambda products, rows: measured.append((len(products), rows))
+    monkeypatch.setattr(kernels, "faster", lambda products, rows, tile: measured.append((len(products), rows))
                         or ("para" if rows == 1 else "torch"))
     model = [(torch.randn(40, 64), None), (torch.randn(64, 40), None)]
     assert kernels.para_rows(model) == {1}
@@ -136,6 +151,44 @@ def test_choice_is_measured_once_per_shape_and_kept(tmp_path, monkeypatch):
     assert len(measured) == 4   # other shapes: measured
     choices = json.loads(kernels.choice_file().read_text())
     assert len(choices) == 2 and all(key.startswith("float32, ") for key in choices)
+
+
+@needs_kernel
+def test_the_single_row_tile_is_measured_once_per_shape_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("PARA_KERNELS", "measure")
+    timed = []
+    real = kernels.quickest
+    monkeypatch.setattr(kernels, "quickest", lambda products, calls: timed.append((sorted(products), calls))
+                        or real(products, calls))
+    weights = [(torch.randn(48, 32), None), (torch.randn(32, 48), None)]
+    tile = kernels.single_row_tile(weights)
+    assert tile in kernels.TILES
+    [(candidates, calls)] = timed
+    assert candidates == list(kernels.TILES)
+    assert [(x.shape, w) for x, w, _ in calls] == [((1, 32), weights[0][0]), ((1, 48), weights[1][0])]
+    assert kernels.single_row_tile([(torch.randn(48, 32), None), (torch.randn(32, 48), None)]) == tile
+    assert len(timed) == 1   # the same shapes: read from the file
+    int8 = [int8_per_channel(torch.randn(48, 32))]
+    assert kernels.single_row_tile(int8) in kernels.TILES and len(timed) == 2   # other weights: measured
+    monkeypatch.setenv("PARA_KERNELS", "para")   # para::linear everywhere, unmeasured: one row at a time
+    assert kernels.single_row_tile(weights) == 1
+
+
+@needs_kernel
+def test_a_models_projections_take_the_measured_tile(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "single_row_tile", lambda products: 4)
+    tiles_asked = []
+    monkeypatch.setattr(kernels, "para_rows", lambda products, tile: tiles_asked.append(tile) or frozenset({1, 2}))
+    model = tiny(TINY_LLAMA, tmp_path)
+    use_fast_linears(model)
+    linears = [m for m in model.modules() if isinstance(m, FastLinear)]
+    assert tiles_asked == [4]   # para::linear with the tile is what is set against torch's product
+    assert linears and all(linear.tile == 4 and linear.fast_rows == {1, 2} for linear in linears)
+    calls = []
+    monkeypatch.setattr(torch.ops.para, "linear", lambda *args: calls.append(args[4]) or F.linear(args[0], args[1]))
+    linears[0](torch.randn(1, linears[0].in_features))
+    assert calls == [4]
 
 
 def test_the_choice_is_measured_on_the_weights_given():
@@ -275,8 +328,10 @@ def test_a_16_bit_model_keeps_float32_keys_on_a_cpu(tmp_path):
     assert torch.equal(cache.k[0][:, :, :8].bfloat16().float(), cache.k[0][:, :, :8])   # values of bfloat16 keys
 
 
+@pytest.mark.parametrize("tile", kernels.TILES)
 @pytest.mark.parametrize("config", [TINY_LLAMA, TINY_GEMMA2], ids=["llama", "gemma2"])
-def test_fast_decoder_gives_the_teaching_models_tokens(config, tmp_path):
+def test_fast_decoder_gives_the_teaching_models_tokens(config, tile, tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "single_row_tile", lambda products: tile)   # as if measured so
     fast, plain = tiny(config, tmp_path, "a"), tiny(config, tmp_path, "b")
     prompts = [[5, 9, 2, 7], [3, 3, 8]]
     for batch in (prompts, prompts[:1]):   # 2 rows and 1 row a step

@@ -12,8 +12,9 @@ once for all the rows, converting bfloat16 or int8 weights to float32 in registe
 Both are compiled on first use with torch.utils.cpp_extension (about 30 s on 2 cores; torch keeps
 the build in ~/.cache/torch_extensions) for this CPU (-march=native). Which product is faster
 for 1 row and for 2-8 rows is then measured on a model's own weights, once per machine and model
-shape, and kept in ~/.cache/para/kernels-<machine>.json. Where the C++ cannot be built (no
-compiler), torch's product is used, with a one-line warning.
+shape, and kept in ~/.cache/para/kernels-<machine>.json; so is how many weight rows para::linear
+reads together for one row of x (its tile). Where the C++ cannot be built (no compiler), torch's
+product is used, with a one-line warning.
 
 PARA_KERNELS=torch uses torch's products only; PARA_KERNELS=para uses linear.cpp wherever it
 applies, without measuring.
@@ -80,7 +81,7 @@ def built() -> bool:
         return False
 
     @torch.library.register_fake("para::linear")
-    def _(x, weight, scale=None, bias=None):   # the output's shape, for torch.compile
+    def _(x, weight, scale=None, bias=None, tile=1):   # the output's shape, for torch.compile
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     @torch.library.register_fake("para::decode_attention")
@@ -169,21 +170,42 @@ def kept_choice(key: str, measure) -> object:
     return choices[key]
 
 
-def para_rows(products: list[tuple[torch.Tensor, torch.Tensor | None]]) -> frozenset[int]:
-    """The row counts (of 1..MAX_ROWS) at which para::linear multiplies by these weights (with
-    their int8 scales, or None) faster than torch's product on this machine. Measured on the
-    weights themselves (a model's projections in the order a step reads them), once per machine
-    and list of shapes, then read from choice_file(): the faster product depends on the shapes as
-    well as the CPU (on the Intel Xeon MKL reads 4096-wide rows faster, para::linear SmolLM2's
-    576-wide ones, docs/design.md)."""
+def product_key(products: list[tuple[torch.Tensor, torch.Tensor | None]]) -> str:
+    """The dtype and shapes of a list of weights, as a choice is kept under them."""
+    shapes = [(tuple(weight.shape), weight.dtype) for weight, _ in products]
+    dtype = str(products[0][0].dtype).removeprefix("torch.")
+    return f"{dtype}, {len(shapes)} weights {hashlib.sha256(repr(shapes).encode()).hexdigest()[:12]}"
+
+
+TILES = (1, 2, 4)   # the weight rows para::linear can read together for one row of x
+
+
+def single_row_tile(products: list[tuple[torch.Tensor, torch.Tensor | None]]) -> int:
+    """How many weight rows (of TILES) para::linear reads together for one row of x, multiplying
+    by these weights (with their int8 scales, or None) fastest on this machine: measured on the
+    weights themselves, once per machine and list of shapes, then read from choice_file(). On the
+    Intel Xeon 2 rows for float32 and bfloat16 weights and 4 for int8 made a step's products 8-20%
+    faster than 1, chosen before on the AMD EPYC (docs/design.md). 1 where not measured."""
+    if not built() or not products or mode() == "para":
+        return 1
+    return kept_choice(f"{product_key(products)}, tile",
+                       lambda: quickest({tile: functools.partial(torch.ops.para.linear, tile=tile) for tile in TILES},
+                                        sample_calls(products, 1)))
+
+
+def para_rows(products: list[tuple[torch.Tensor, torch.Tensor | None]], tile: int = 1) -> frozenset[int]:
+    """The row counts (of 1..MAX_ROWS) at which para::linear (with `tile` for one row) multiplies
+    by these weights (with their int8 scales, or None) faster than torch's product on this
+    machine. Measured on the weights themselves (a model's projections in the order a step reads
+    them), once per machine and list of shapes, then read from choice_file(): the faster product
+    depends on the shapes as well as the CPU (on the Intel Xeon MKL reads 4096-wide rows faster,
+    para::linear SmolLM2's 576-wide ones, docs/design.md)."""
     if not built() or not products:
         return frozenset()
     if mode() == "para":
         return frozenset(range(1, MAX_ROWS + 1))
-    shapes = [(tuple(weight.shape), weight.dtype) for weight, _ in products]
-    dtype = str(products[0][0].dtype).removeprefix("torch.")
-    key = f"{dtype}, {len(shapes)} weights {hashlib.sha256(repr(shapes).encode()).hexdigest()[:12]}"
-    choice = kept_choice(key, lambda: {str(rows): faster(products, rows) for rows in (1, MAX_ROWS)})
+    choice = kept_choice(f"{product_key(products)}, tile {tile}",
+                         lambda: {str(rows): faster(products, rows, tile) for rows in (1, MAX_ROWS)})
     one, several = choice["1"], choice[str(MAX_ROWS)]
     return frozenset(rows for rows in range(1, MAX_ROWS + 1) if (one if rows == 1 else several) == "para")
 
@@ -228,9 +250,9 @@ def faster_prefill() -> str:
 MEASURED_BYTES = 256 << 20   # of a model's weights: enough to stream from memory past a CPU's caches
 
 
-def faster(products: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int) -> str:
-    """'para' or 'torch': which multiplies `rows` rows of x by these weights (their first
-    MEASURED_BYTES) faster. x is float32 for int8 weights, else of the weights' dtype."""
+def sample_calls(products: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int) -> list[tuple]:
+    """(x, weight, scale) for `rows` random rows of x by each of these weights (their first
+    MEASURED_BYTES); x is float32 for int8 weights, else of the weights' dtype."""
     generator = torch.Generator().manual_seed(0)
     calls, measured, xs = [], 0, {}
     for weight, scale in products:
@@ -241,21 +263,28 @@ def faster(products: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int) 
             xs[weight.shape[1], dtype] = torch.randn(rows, weight.shape[1], generator=generator).to(dtype)
         calls.append((xs[weight.shape[1], dtype], weight, scale))
         measured += weight.nbytes
-    return quickest({"para": torch.ops.para.linear, "torch": torch_linear}, calls)
+    return calls
+
+
+def faster(products: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int, tile: int = 1) -> str:
+    """'para' (with `tile` for one row) or 'torch': which multiplies `rows` rows of x by these
+    weights faster."""
+    para = functools.partial(torch.ops.para.linear, tile=tile)
+    return quickest({"para": para, "torch": torch_linear}, sample_calls(products, rows))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, fast_rows: frozenset[int] = frozenset(),
-           onednn: bool | None = None) -> torch.Tensor:
+           onednn: bool | None = None, tile: int = 1) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T, times scale (N,) for int8 weights, plus bias, with
-    para::linear where x has one of fast_rows rows (para_rows chooses them), and with
+    para::linear where x has one of fast_rows rows (para_rows chooses them; `tile` for one row), and with
     oneDNN for more than MAX_ROWS float32 rows (float32 or int8 weights) where `onednn`
     (default: onednn_prefill()) and not compiling (inductor failed to lower the call, 9 or more
     rows in a compiled step); a compiled caller passes both, looked up beforehand. Neither has a
     backward: where a gradient is needed, torch's product runs."""
     rows, needs_grad = x.numel() // x.shape[-1], torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.device.type == "cpu" and rows in fast_rows and weight.is_contiguous() and not needs_grad:
-        return torch.ops.para.linear(x, weight, scale, bias)
+        return torch.ops.para.linear(x, weight, scale, bias, tile)
     if x.device.type == "cpu" and rows > MAX_ROWS and x.dtype == torch.float32 and weight.dtype in ONEDNN_WEIGHTS \
             and not needs_grad and not torch.compiler.is_compiling() and (onednn_prefill() if onednn is None else onednn):
         return torch_linear(x, weight, scale, bias, product=onednn_linear)

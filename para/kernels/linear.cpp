@@ -37,14 +37,17 @@ inline float to_float(int8_t w) { return float(w); }
 // 2.5x slower at 8 rows of x).
 #define UNROLL _Pragma("GCC unroll 32")
 
-// Weight rows in a tile, by rows of x (of type X): R * M sums, R weight blocks and one block of x
-// fit in the 32 vector registers. One weight row for one row of x reads one stream; so for two
-// bfloat16 rows of x (measured: 24 against 18 GB/s with tiles of 4, AMD EPYC).
+// Weight rows in a tile, by rows of x (of type X), from 2 rows of x on: R * M sums, R weight
+// blocks and one block of x fit in the 32 vector registers. Two bfloat16 rows of x take one
+// weight row (measured: 24 against 18 GB/s with tiles of 4, AMD EPYC). For one row of x the
+// caller says (`tile`: 1, 2 or 4), as measured on its machine and weights (para/kernels/__init__.py):
+// on the Intel Xeon a tile of 2 float32 rows, 2 bfloat16 and 4 int8 made a step's products
+// 8-20% faster than 1, which had been chosen on the AMD EPYC.
 template <int M, typename X>
-constexpr int tile_rows() { return M == 1 || (M == 2 && std::is_same_v<X, at::BFloat16>) ? 1 : M <= 4 ? 4 : 3; }
+constexpr int tile_rows() { return M == 2 && std::is_same_v<X, at::BFloat16> ? 1 : M <= 4 ? 4 : 3; }
 // Sums per pair over alternate blocks, so that enough multiply-adds are in flight (a tile of one
 // row pair has only 1; 4 measured slower than 2).
-template <int M> constexpr int k_unroll() { return M == 1 ? 2 : 1; }
+template <int M, int R> constexpr int k_unroll() { return M == 1 && R == 1 ? 2 : 1; }
 
 #if defined(__AVX512F__)
 // 16 weights from p -> 16 floats; `mask` reads only the first bits of a row's tail.
@@ -152,7 +155,7 @@ void dot_tile_bf16(const at::BFloat16* x, const at::BFloat16* w, int64_t K, floa
 
 // out[r][m] = x[m] . w[r]: float32 rows of x (any weights), or bfloat16 rows times bfloat16 weights.
 template <int M, int R, typename W>
-inline void dot(const float* x, const W* w, int64_t K, float out[][M]) { dot_tile<M, R, k_unroll<M>()>(x, w, K, out); }
+inline void dot(const float* x, const W* w, int64_t K, float out[][M]) { dot_tile<M, R, k_unroll<M, R>()>(x, w, K, out); }
 #if defined(__AVX512BF16__)
 template <int M, int R>
 inline void dot(const at::BFloat16* x, const at::BFloat16* w, int64_t K, float out[][M]) { dot_tile_bf16<M, R>(x, w, K, out); }
@@ -170,10 +173,9 @@ inline void store(const float out[][M], const float* scale, const float* bias, f
     }
 }
 
-template <int M, typename X, typename W>
+template <int M, int R, typename X, typename W>
 void rows_times_weight(const X* x, const W* w, const float* scale, const float* bias, float* y,
                        int64_t N, int64_t K) {
-  constexpr int R = tile_rows<M, X>();
   // Each thread takes a run of whole weight rows, at least ~64 KB of them, so a call's threads
   // start once and each streams its own contiguous part of W.
   int64_t grain = std::max<int64_t>(R, (1 << 16) / (K * int64_t(sizeof(W))));
@@ -193,25 +195,30 @@ void rows_times_weight(const X* x, const W* w, const float* scale, const float* 
 }
 
 template <typename X, typename W>
-void dispatch_rows(int64_t M, const X* x, const W* w, const float* scale, const float* bias, float* y,
-                   int64_t N, int64_t K) {
+void dispatch_rows(int64_t M, int64_t tile, const X* x, const W* w, const float* scale, const float* bias,
+                   float* y, int64_t N, int64_t K) {
   switch (M) {
-    case 1: return rows_times_weight<1>(x, w, scale, bias, y, N, K);
-    case 2: return rows_times_weight<2>(x, w, scale, bias, y, N, K);
-    case 3: return rows_times_weight<3>(x, w, scale, bias, y, N, K);
-    case 4: return rows_times_weight<4>(x, w, scale, bias, y, N, K);
-    case 5: return rows_times_weight<5>(x, w, scale, bias, y, N, K);
-    case 6: return rows_times_weight<6>(x, w, scale, bias, y, N, K);
-    case 7: return rows_times_weight<7>(x, w, scale, bias, y, N, K);
-    default: return rows_times_weight<8>(x, w, scale, bias, y, N, K);
+    case 1:
+      if (tile == 4) return rows_times_weight<1, 4>(x, w, scale, bias, y, N, K);
+      if (tile == 2) return rows_times_weight<1, 2>(x, w, scale, bias, y, N, K);
+      return rows_times_weight<1, 1>(x, w, scale, bias, y, N, K);
+    case 2: return rows_times_weight<2, tile_rows<2, X>()>(x, w, scale, bias, y, N, K);
+    case 3: return rows_times_weight<3, tile_rows<3, X>()>(x, w, scale, bias, y, N, K);
+    case 4: return rows_times_weight<4, tile_rows<4, X>()>(x, w, scale, bias, y, N, K);
+    case 5: return rows_times_weight<5, tile_rows<5, X>()>(x, w, scale, bias, y, N, K);
+    case 6: return rows_times_weight<6, tile_rows<6, X>()>(x, w, scale, bias, y, N, K);
+    case 7: return rows_times_weight<7, tile_rows<7, X>()>(x, w, scale, bias, y, N, K);
+    default: return rows_times_weight<8, tile_rows<8, X>()>(x, w, scale, bias, y, N, K);
   }
 }
 
 // x (..., K) float32 or bfloat16; weight (N, K) float32, bfloat16 or int8; scale (N,) float32 for
-// int8 weights (y = (x W^T) * scale); bias (N,) or none. Returns (..., N) in x's dtype.
+// int8 weights (y = (x W^T) * scale); bias (N,) or none; tile: the weight rows read together for
+// one row of x (1, 2 or 4). Returns (..., N) in x's dtype.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
-                  const c10::optional<at::Tensor>& bias) {
+                  const c10::optional<at::Tensor>& bias, int64_t tile) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "para::linear: weight must be a contiguous matrix");
+  TORCH_CHECK(tile == 1 || tile == 2 || tile == 4, "para::linear: tile must be 1, 2 or 4, not ", tile);
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.size(-1) == K, "para::linear: x has ", x.size(-1), " features, weight ", K);
   const int64_t M = x.numel() / K;
@@ -245,15 +252,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
     int64_t m = std::min<int64_t>(8, M - m0);
     if (bf16_pairs) {
 #if defined(__AVX512BF16__)
-      dispatch_rows(m, rows.data_ptr<at::BFloat16>() + m0 * K, weight.data_ptr<at::BFloat16>(), s, b, ym, N, K);
+      dispatch_rows(m, tile, rows.data_ptr<at::BFloat16>() + m0 * K, weight.data_ptr<at::BFloat16>(), s, b, ym, N, K);
 #endif
       continue;
     }
     const float* xm = x32 + m0 * K;
     switch (weight.scalar_type()) {
-      case at::kFloat: dispatch_rows(m, xm, weight.data_ptr<float>(), s, b, ym, N, K); break;
-      case at::kBFloat16: dispatch_rows(m, xm, weight.data_ptr<at::BFloat16>(), s, b, ym, N, K); break;
-      case at::kChar: dispatch_rows(m, xm, weight.data_ptr<int8_t>(), s, b, ym, N, K); break;
+      case at::kFloat: dispatch_rows(m, tile, xm, weight.data_ptr<float>(), s, b, ym, N, K); break;
+      case at::kBFloat16: dispatch_rows(m, tile, xm, weight.data_ptr<at::BFloat16>(), s, b, ym, N, K); break;
+      case at::kChar: dispatch_rows(m, tile, xm, weight.data_ptr<int8_t>(), s, b, ym, N, K); break;
       default: TORCH_CHECK(false, "para::linear: weights of type ", weight.scalar_type(), " are not supported");
     }
   }
@@ -269,7 +276,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
 }  // namespace
 
 TORCH_LIBRARY(para, m) {
-  m.def("linear(Tensor x, Tensor weight, Tensor? scale=None, Tensor? bias=None) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? scale=None, Tensor? bias=None, int tile=1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(para, CPU, m) { m.impl("linear", &linear); }
