@@ -1,9 +1,10 @@
 """Prefill and decode speed of a checkpoint, in the paper's setting (274-token prompt, 32 new
 tokens), at batch 1 and 8, greedy and 3 beams, with decode speed as a fraction of the
-memory-read bound (every weight byte is read once per decoding step, at the rate a sum over
-1 GiB reads memory; a greedy step reads the output projection's int8 or bfloat16 copy on a CPU). The sum
-is measured again right before each run and each run is set against its own: a shared machine's
-memory rate drifts (26-50 GB/s within one session on the AMD EPYC VM).
+memory-read bound (every weight byte is read once per decoding step, at the fastest rate 1 GiB
+is read, by a sum or on a CPU by para::linear, in huge pages: common.read_bandwidth; a greedy
+step reads the output projection's int8 or bfloat16 copy on a CPU). The rate is measured again
+right before each run and each run is set against its own: a shared machine's memory rate
+drifts (26-50 GB/s within one session on the AMD EPYC VM).
 
     python bench/bench_decode.py [--model DIR | --shape NAME] [--device cpu|cuda] [--dtype ...] [--runs 3]
                                  [--compile] [--quantize int8]
@@ -37,7 +38,7 @@ def main() -> None:
     print(f"{device_name(model.device)}, dtype {model.dtype}, {'compiled step' if args.compile else 'eager'}, "
           f"weights {weight_bytes / 1e6:.0f} MB")
     print(f"prompt {len(ids)} tokens, {NEW_TOKENS} new tokens, median of {args.runs} runs; "
-          "of bound: the median of each run's decode rate over the bound from the sum just before it")
+          "of bound: the median of each run's decode rate over the bound from the read rate just before it")
     print(f"{'batch':>5} {'beams':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'of bound':>9} {'memory read GB/s':>17}")
     for batch in args.batch_sizes:
         for beams in (1, 3):

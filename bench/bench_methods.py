@@ -10,7 +10,7 @@ Each method runs in a fresh worker process, so that its peak memory (resident se
 allocated GPU memory on CUDA) is its own. Adapters have random weights: speed does not depend
 on what they learned. Ratios are against the base model measured by the same invocation.
 "of bound" is decode speed at beam 1 over the memory-read bound: every weight byte read once
-per token at the rate a sum over 1 GiB reads memory (the KV cache, about 1% here, not counted;
+per token at the rate 1 GiB is read (common.read_bandwidth; the KV cache, about 1% here, not counted;
 a greedy step reads the output projection's int8 or bfloat16 copy on a CPU).
 With --compile the decoding step is compiled (CUDA graphs on a GPU); the multi-tenant part,
 whose batch sizes vary, is then left out.
