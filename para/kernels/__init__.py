@@ -184,7 +184,7 @@ def single_row_tile(products: list[tuple[torch.Tensor, torch.Tensor | None]]) ->
     """How many weight rows (of TILES) para::linear reads together for one row of x, multiplying
     by these weights (with their int8 scales, or None) fastest on this machine: measured on the
     weights themselves, once per machine and list of shapes, then read from choice_file(). On the
-    Intel Xeon 2 rows for float32 and bfloat16 weights and 4 for int8 made a step's products 8-20%
+    Intel Xeon 2 rows for float32 weights and 4 for bfloat16 and int8 made a step's products 6-29%
     faster than 1, chosen before on the AMD EPYC (docs/design.md). 1 where not measured."""
     if not built() or not products or mode() == "para":
         return 1

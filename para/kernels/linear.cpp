@@ -41,8 +41,8 @@ inline float to_float(int8_t w) { return float(w); }
 // blocks and one block of x fit in the 32 vector registers. Two bfloat16 rows of x take one
 // weight row (measured: 24 against 18 GB/s with tiles of 4, AMD EPYC). For one row of x the
 // caller says (`tile`: 1, 2 or 4), as measured on its machine and weights (para/kernels/__init__.py):
-// on the Intel Xeon a tile of 2 float32 rows, 2 bfloat16 and 4 int8 made a step's products
-// 8-20% faster than 1, which had been chosen on the AMD EPYC.
+// on the Intel Xeon tiles of 2 float32 rows and 4 bfloat16 or int8 ones made a step's products
+// 6-29% faster than 1, which had been chosen on the AMD EPYC.
 template <int M, typename X>
 constexpr int tile_rows() { return M == 2 && std::is_same_v<X, at::BFloat16> ? 1 : M <= 4 ? 4 : 3; }
 // Sums per pair over alternate blocks, so that enough multiply-adds are in flight (a tile of one
