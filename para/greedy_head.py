@@ -68,7 +68,7 @@ class GreedyHead:
                 self.low = self.low if home is None else home[0].copy_(self.low)
                 self.tile = kernels.single_row_tile([(self.low, self.scale)])   # for one row of h
             else:
-                self.low, self.scale = weight.to(torch.bfloat16), None
+                self.low, self.scale, self.tile = weight.to(torch.bfloat16), None, 1
             # max_j |W_j - L_j| and max_j max(|W_j|, |L_j|), a block of rows at a time (no float32
             # copy of all of L)
             self.weight_error = self.row_norm = 0.0

@@ -12,9 +12,9 @@ once for all the rows, converting bfloat16 or int8 weights to float32 in registe
 Both are compiled on first use with torch.utils.cpp_extension (about 30 s on 2 cores; torch keeps
 the build in ~/.cache/torch_extensions) for this CPU (-march=native). Which product is faster
 for 1 row and for 2-8 rows is then measured on a model's own weights, once per machine and model
-shape, and kept in ~/.cache/para/kernels-<machine>.json; so is how many weight rows para::linear
-reads together for one row of x (its tile). Where the C++ cannot be built (no compiler), torch's
-product is used, with a one-line warning.
+shape, and kept in ~/.cache/para/kernels-<machine>-<sources>.json; so is how many weight rows
+para::linear reads together for one row of x (its tile). Where the C++ cannot be built (no
+compiler), torch's product is used, with a one-line warning.
 
 PARA_KERNELS=torch uses torch's products only; PARA_KERNELS=para uses linear.cpp wherever it
 applies, without measuring.
@@ -40,11 +40,16 @@ from para.files import WriteError, atomic_write
 
 SOURCES = [Path(__file__).with_name(name) for name in ("linear.cpp", "attention.cpp")]
 MAX_ROWS = 8           # rows of x per pass over the weights; more rows go to torch's matrix product
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def target() -> str:
+    """The instruction set the kernels are built for (-march): this CPU's own, or PARA_KERNELS_MARCH
+    (the tests build for x86-64-v3, AVX2 without AVX-512, to run the loops other CPUs take)."""
+    return os.environ.get("PARA_KERNELS_MARCH", "native")
 
 
 def machine(threads: bool = True) -> str:
-    """A short name for this CPU and this torch (and the threads in use): a build (-march=native)
+    """A short name for this CPU, this torch and the target (and the threads in use): a build
     holds for these only, a measured choice for these threads too."""
     cpu = platform.processor()
     try:
@@ -53,7 +58,7 @@ def machine(threads: bool = True) -> str:
             next(line for line in info.splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    key = f"{cpu}|{torch.__version__}" + (f"|{torch.get_num_threads()}" if threads else "")
+    key = f"{cpu}|{torch.__version__}|{target()}" + (f"|{torch.get_num_threads()}" if threads else "")
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -68,11 +73,12 @@ def built() -> bool:
         return False
     from torch.utils import cpp_extension
     try:
-        # one build per CPU, torch and copy of the source: two checkouts, or a checkout and an
+        # one build per CPU, torch, target and copy of the source: two checkouts, or a checkout and an
         # installed package, would otherwise rebuild each other's (torch rebuilds when the path changes)
         where = hashlib.sha256(str(SOURCES[0].parent).encode()).hexdigest()[:8]
         cpp_extension.load(name=f"para_kernels_{machine(threads=False)}_{where}",
-                           sources=[str(source) for source in SOURCES], extra_cflags=FLAGS,
+                           sources=[str(source) for source in SOURCES],
+                           extra_cflags=["-O3", f"-march={target()}", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:   # no compiler, no headers: the products and attention stay torch's
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -150,8 +156,11 @@ def torch_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
 
 
 def choice_file() -> Path:
+    """Where the choices measured on this machine are kept: one file per machine and version of
+    the kernels' sources (a choice measured on another version does not hold)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "para" / f"kernels-{machine()}.json"
+    sources = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:8]
+    return cache / "para" / f"kernels-{machine()}-{sources}.json"
 
 
 def kept_choice(key: str, measure) -> object:
@@ -188,9 +197,10 @@ def single_row_tile(products: list[tuple[torch.Tensor, torch.Tensor | None]]) ->
     faster than 1, chosen before on the AMD EPYC (docs/design.md). 1 where not measured."""
     if not built() or not products or mode() == "para":
         return 1
-    return kept_choice(f"{product_key(products)}, tile",
+    tile = kept_choice(f"{product_key(products)}, tile",
                        lambda: quickest({tile: functools.partial(torch.ops.para.linear, tile=tile) for tile in TILES},
                                         sample_calls(products, 1)))
+    return tile if tile in TILES else 1   # (a file edited by hand)
 
 
 def para_rows(products: list[tuple[torch.Tensor, torch.Tensor | None]], tile: int = 1) -> frozenset[int]:
@@ -220,8 +230,8 @@ def onednn_prefill() -> bool:
     return mode() == "para" or kept_choice("float32 prefill", faster_prefill) == "onednn"
 
 
-def quickest(products: dict, calls: list[tuple]) -> str:
-    """The name of the product that runs `calls` (argument tuples) fastest, interleaved, best of 3."""
+def quickest(products: dict, calls: list[tuple]) -> object:
+    """The key of the product that runs `calls` (argument tuples) fastest, interleaved, best of 3."""
     seconds = {}
     with torch.inference_mode():
         for name, product in list(products.items()) * 3:

@@ -38,7 +38,8 @@ inline float dot(const float* q, const float* k, int64_t D) {
   for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
   sum = _mm512_reduce_add_ps(acc);
 #endif
-  for (; d < D; d++) sum += q[d] * k[d];
+#pragma omp simd reduction(+ : sum)  // (a float sum is vectorised only where its order may change)
+  for (int64_t i = d; i < D; i++) sum += q[i] * k[i];
   return sum;
 }
 
@@ -72,9 +73,10 @@ inline float exp_shifted(float* scores, int64_t S, float top) {
   }
   total = _mm512_reduce_add_ps(sum);
 #endif
-  for (; t < S; t++) {
-    scores[t] = std::exp(scores[t] - top);  // a masked slot: exp(-inf) = 0
-    total += scores[t];
+#pragma omp simd reduction(+ : total)  // (the sum in vector lanes, as in dot)
+  for (int64_t i = t; i < S; i++) {
+    scores[i] = std::exp(scores[i] - top);  // a masked slot: exp(-inf) = 0
+    total += scores[i];
   }
   return total;
 }

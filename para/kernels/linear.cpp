@@ -3,9 +3,10 @@
 // A decoding step multiplies 1 to 8 rows by every weight matrix, so it costs what reading the
 // weights costs. This kernel streams each weight row once from memory and uses it for all rows
 // of x, converting bfloat16 or int8 weights to float32 in registers (x and the sums stay
-// float32); from 2 rows of x on (3 for bfloat16 pairs), several weight rows share each load of
-// x (tile_rows). Built on first use by para/kernels/__init__.py with -march=native, so the
-// AVX-512 path is taken where the CPU has it; elsewhere the plain loop is vectorised by the compiler.
+// float32); several weight rows share each load of x: from 2 rows of x on (3 for bfloat16 pairs)
+// as many as fit the registers (tile_rows), for one row as many as the caller measured fastest
+// (`tile`). Built on first use by para/kernels/__init__.py with -march=native, so the AVX-512
+// path is taken where the CPU has it; elsewhere the compiler vectorises the plain loop (omp simd).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -44,9 +45,13 @@ inline float to_float(int8_t w) { return float(w); }
 // on the Intel Xeon tiles of 2 float32 rows and 4 bfloat16 or int8 ones made a step's products
 // 6-29% faster than 1, which had been chosen on the AMD EPYC.
 template <int M, typename X>
-constexpr int tile_rows() { return M == 2 && std::is_same_v<X, at::BFloat16> ? 1 : M <= 4 ? 4 : 3; }
-// Sums per pair over alternate blocks, so that enough multiply-adds are in flight (a tile of one
-// row pair has only 1; 4 measured slower than 2).
+constexpr int tile_rows() {
+  static_assert(M >= 2, "one row of x takes the caller's tile");
+  return M == 2 && std::is_same_v<X, at::BFloat16> ? 1 : M <= 4 ? 4 : 3;
+}
+// Sums per pair over alternate blocks, so that enough multiply-adds are in flight: a tile of one
+// weight row and one row of x has only 1 (4 measured slower than 2); a larger tile has a sum per
+// pair of rows in flight already.
 template <int M, int R> constexpr int k_unroll() { return M == 1 && R == 1 ? 2 : 1; }
 
 #if defined(__AVX512F__)
@@ -113,6 +118,7 @@ void dot_tile(const float* x, const W* w, int64_t K, float out[][M]) {
   for (int r = 0; r < R; r++)
     for (int m = 0; m < M; m++) {
       float sum = 0.f;
+#pragma omp simd reduction(+ : sum)  // (a float sum is vectorised only where its order may change)
       for (int64_t k = 0; k < K; k++) sum += to_float(w[r * K + k]) * x[m * K + k];
       out[r][m] = sum;
     }
