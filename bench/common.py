@@ -94,9 +94,10 @@ def read_bandwidth(device: torch.device, gigabytes: float = 1.0) -> float:
     """Bytes per second that reading memory reaches: the best of 5 passes over a tensor of this
     size, far larger than any cache, by the fastest reader at hand. Decoding a token reads every
     weight once, so this over the weights' bytes bounds tokens per second. On a CPU the tensor
-    lies in huge pages, as a model's weights do, and para::linear reads it as well as a sum (one
-    row of x times it as a matrix): on the Intel Xeon a sum read 25 GB/s in plain pages, 30 in
-    huge pages, and para::linear 35 (a bound from the first made a step look 100% of it)."""
+    lies in huge pages, as a model's weights do, and para::linear reads it besides a sum (one row
+    of x times it as a matrix; where para/kernels is built: not under PARA_KERNELS=torch, whose
+    bound is then lower): on the Intel Xeon a sum read 25 GB/s in plain pages, 30 in huge pages,
+    and para::linear 35 (a bound from the first made a step look 100% of it)."""
     data = torch.empty(int(gigabytes * 2**30) // 4, device=device)
     if device.type == "cpu":
         data = (kernels.homes_in_huge_pages([data]) or [data])[0]
