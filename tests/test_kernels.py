@@ -427,7 +427,6 @@ def test_freed_memory_is_kept_for_the_next_tensors():
     assert faults("keep") < returned / 20
 
 
-
 @pytest.mark.slow
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
                     or not (shutil.which("c++") or shutil.which("g++")), reason="an x86-64 CPU with AVX2 and a compiler")
