@@ -17,7 +17,7 @@ para::linear reads together for one row of x (its tile). Where the C++ cannot be
 compiler), torch's product is used, with a one-line warning.
 
 PARA_KERNELS=torch uses torch's products only; PARA_KERNELS=para uses linear.cpp wherever it
-applies, without measuring.
+applies, without measuring. PARA_KERNELS_MARCH builds for another instruction set (target()).
 """
 
 from __future__ import annotations
