@@ -124,10 +124,9 @@ def step_bytes(model: Transformer, greedy: bool) -> int:
     blocks = [*model.layers.parameters(), *model.layers.buffers(), *model.norm.parameters()]
     weight = model.output_weight
     low = greedy_head.head_for(weight) if greedy else None
-    head = weight.numel() * weight.element_size() if low is None else \
-        low.low.numel() * low.low.element_size() + (0 if low.scale is None else low.scale.numel() * 4)
+    head = weight.nbytes if low is None else low.low.nbytes + (0 if low.scale is None else low.scale.nbytes)
     scale = getattr(model.lm_head, "scale", None)
-    return sum(t.numel() * t.element_size() for t in blocks) + head + (0 if scale is None else scale.numel() * 4)
+    return sum(t.nbytes for t in blocks) + head + (0 if scale is None else scale.nbytes)
 
 
 def device_name(device: torch.device) -> str:

@@ -155,12 +155,17 @@ def torch_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
     return y if bias is None else y + bias.to(y.dtype)
 
 
+@functools.cache
+def sources_version() -> str:
+    """A short hash of the kernels' sources (they do not change under a running process)."""
+    return hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:8]
+
+
 def choice_file() -> Path:
     """Where the choices measured on this machine are kept: one file per machine and version of
     the kernels' sources (a choice measured on another version does not hold)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    sources = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:8]
-    return cache / "para" / f"kernels-{machine()}-{sources}.json"
+    return cache / "para" / f"kernels-{machine()}-{sources_version()}.json"
 
 
 def kept_choice(key: str, measure) -> object:
@@ -287,8 +292,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
            bias: torch.Tensor | None = None, fast_rows: frozenset[int] = frozenset(),
            onednn: bool | None = None, tile: int = 1) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T, times scale (N,) for int8 weights, plus bias, with
-    para::linear where x has one of fast_rows rows (para_rows chooses them; `tile` for one row), and with
-    oneDNN for more than MAX_ROWS float32 rows (float32 or int8 weights) where `onednn`
+    para::linear where x has one of fast_rows rows (para_rows chooses them; `tile` for one row),
+    and with oneDNN for more than MAX_ROWS float32 rows (float32 or int8 weights) where `onednn`
     (default: onednn_prefill()) and not compiling (inductor failed to lower the call, 9 or more
     rows in a compiled step); a compiled caller passes both, looked up beforehand. Neither has a
     backward: where a gradient is needed, torch's product runs."""
